@@ -1,0 +1,22 @@
+"""keras_rigl: sparse neural networks trained from scratch in Keras 3 (RigL, SET, SNFS)."""
+
+from keras_rigl.distributions import erk_densities, layer_densities
+from keras_rigl.maskable import MaskableLayer, register_maskable
+from keras_rigl.masked import Masked
+from keras_rigl.report import sparsity_report
+from keras_rigl.sparsify import initialize_masks, masked_layers, sparsify, strip
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Masked",
+    "MaskableLayer",
+    "register_maskable",
+    "sparsify",
+    "initialize_masks",
+    "strip",
+    "masked_layers",
+    "sparsity_report",
+    "erk_densities",
+    "layer_densities",
+]

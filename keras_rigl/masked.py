@@ -1,0 +1,213 @@
+"""The ``Masked`` wrapper: a layer whose main weights are multiplied by masks.
+
+How the mask reaches the wrapped layer: during ``call`` the attribute of the
+wrapped layer that holds the weight (``Dense._kernel``, ``Conv2D._kernel``,
+``LSTMCell.recurrent_kernel``...) is swapped for the tensor ``W * M`` and put
+back afterwards. The layer's own code then computes with the effective
+weight, gradients reach ``W`` through the product (so masked entries get a
+zero gradient and stay exactly 0 under every optimizer), and on the
+TensorFlow backend the dense gradient dL/d(W*M) can be captured on the way
+(see ``gradient_capture``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_rigl import gradient_capture, maskable
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedWeight:
+    """One masked weight of a :class:`Masked` layer."""
+
+    name: str  # relative to the wrapped layer, e.g. "kernel"
+    weight: keras.Variable
+    mask: keras.Variable
+    ref: maskable.WeightRef
+    capture: object = None  # GradientCapture, or None off TensorFlow
+
+    @property
+    def path(self):
+        return f"{self.ref.owner.path}/{self.ref.name.rsplit('/', 1)[-1]}"
+
+
+@keras.saving.register_keras_serializable(package="keras_rigl")
+class Masked(keras.layers.Wrapper):
+    """Wrap ``layer`` so that its maskable weights are multiplied by masks.
+
+    Args:
+        layer: the layer to wrap (Dense, Conv*, Embedding, LSTM/GRU/SimpleRNN,
+            Bidirectional/TimeDistributed of those, or any layer made maskable
+            with :class:`keras_rigl.MaskableLayer` / :func:`keras_rigl.register_maskable`).
+        mask_depthwise: also mask depthwise kernels (DepthwiseConv layers, the
+            depthwise part of SeparableConv). Off by default, as in the paper.
+        capture_gradients: keep a buffer per masked weight for the dense
+            gradient that RigL and SNFS grow by (TensorFlow backend only).
+            Turn off to save memory when the masks are fixed.
+
+    The masks start all ones (dense); :func:`keras_rigl.sparsify` or
+    :func:`keras_rigl.initialize_masks` set them. Masks are non-trainable
+    weights of this layer, in the dtype of the weight they mask, and are saved
+    with the model.
+    """
+
+    def __init__(self, layer, mask_depthwise=False, capture_gradients=True, **kwargs):
+        if not isinstance(layer, keras.layers.Layer):
+            raise TypeError(f"Masked expects a keras.layers.Layer, got {layer!r}.")
+        if isinstance(layer, Masked):
+            raise ValueError(f"Layer {layer.name!r} is already Masked; wrap it only once.")
+        if isinstance(layer, keras.Model):
+            raise ValueError(
+                f"Masked wraps single layers, not the model {layer.name!r}. "
+                "Use keras_rigl.sparsify(model, ...) to wrap every maskable layer of a model."
+            )
+        if not maskable.is_maskable(layer, depthwise=mask_depthwise):
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) has no weight that keras_rigl "
+                "knows how to mask. Make it maskable by implementing "
+                "get_maskable_weights() (keras_rigl.MaskableLayer) or with "
+                "keras_rigl.register_maskable(LayerClass, ['kernel'])."
+            )
+        kwargs.setdefault("name", f"masked_{layer.name}")
+        super().__init__(layer, **kwargs)
+        self.mask_depthwise = bool(mask_depthwise)
+        self.capture_gradients = bool(capture_gradients)
+        self.supports_masking = getattr(layer, "supports_masking", False)
+        object.__setattr__(self, "_masked_weights", [])
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        refs = maskable.maskable_weights(self.layer, depthwise=self.mask_depthwise)
+        capture_on = self.capture_gradients and gradient_capture.available()
+        if capture_on:
+            import tensorflow as tf
+
+            # Switches shared by every masked weight of this layer; plain
+            # tf.Variables so that Keras neither saves nor reports them.
+            object.__setattr__(
+                self, "_capture_mode", tf.Variable(0, trainable=False, dtype=tf.int32, name="capture_mode")
+            )
+            object.__setattr__(
+                self, "_capture_decay", tf.Variable(0.9, trainable=False, dtype=tf.float32, name="capture_decay")
+            )
+        masked = []
+        for ref in refs:
+            mask = self.add_weight(
+                name=ref.name.replace("/", "_") + "_mask",
+                shape=ref.variable.shape,
+                dtype=ref.variable.dtype,
+                initializer="ones",
+                trainable=False,
+            )
+            capture = None
+            if capture_on:
+                capture = gradient_capture.GradientCapture(
+                    ref.variable.shape,
+                    ref.variable.dtype,
+                    ref.name.replace("/", "_"),
+                    self._capture_mode,
+                    self._capture_decay,
+                )
+            masked.append(MaskedWeight(ref.name, ref.variable, mask, ref, capture))
+        # Keep our own bookkeeping out of Keras' attribute tracking.
+        object.__setattr__(self, "_masked_weights", masked)
+        self.built = True
+
+    @property
+    def masked_weights(self):
+        """The list of :class:`MaskedWeight` of this layer (after build)."""
+        return list(self._masked_weights)
+
+    # ------------------------------------------------------------------- call
+    def _effective(self, mw):
+        if mw.capture is not None:
+            value = mw.capture.masked_value(mw.weight, mw.mask)
+        else:
+            value = keras.ops.multiply(mw.weight, keras.ops.cast(mw.mask, mw.weight.dtype))
+        compute_dtype = mw.ref.owner.compute_dtype
+        if mw.weight.dtype != compute_dtype and keras.backend.is_float_dtype(mw.weight.dtype):
+            # The wrapped layer would have autocast the variable itself
+            # (mixed precision); a plain tensor must be cast by us.
+            value = keras.ops.cast(value, compute_dtype)
+        return value
+
+    @contextlib.contextmanager
+    def _effective_weights(self):
+        swapped = []
+        try:
+            for mw in self._masked_weights:
+                owner, attr = mw.ref.owner, mw.ref.attr
+                object.__setattr__(owner, attr, self._effective(mw))
+                swapped.append((owner, attr, mw.weight))
+            yield
+        finally:
+            for owner, attr, variable in reversed(swapped):
+                object.__setattr__(owner, attr, variable)
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        if self.layer._call_has_training_arg:
+            kwargs["training"] = training
+        if mask is not None and self.layer._call_has_mask_arg:
+            kwargs["mask"] = mask
+        with self._effective_weights():
+            return self.layer(inputs, **kwargs)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
+
+    # ----------------------------------------------------------- capture API
+    def set_capture_mode(self, mode, ema_decay=None):
+        """Switch dense-gradient capture: 0 off, 1 store this step's, 2 EMA."""
+        if not self.capture_gradients or not gradient_capture.available():
+            raise RuntimeError(
+                f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
+                f"or backend {keras.backend.backend()!r} is not tensorflow)."
+            )
+        self._capture_mode.assign(int(mode))
+        if ema_decay is not None:
+            self._capture_decay.assign(float(ema_decay))
+
+    # --------------------------------------------------------------- masks IO
+    def get_masks(self):
+        """``{name: numpy mask}`` for every masked weight."""
+        return {mw.name: keras.ops.convert_to_numpy(mw.mask) for mw in self._masked_weights}
+
+    def set_masks(self, masks, zero_weights=True):
+        """Set masks from ``{name: array}``; masked weights are set to 0."""
+        by_name = {mw.name: mw for mw in self._masked_weights}
+        unknown = set(masks) - set(by_name)
+        if unknown:
+            raise ValueError(f"Unknown masked weight(s) {sorted(unknown)} for layer {self.name!r}; "
+                             f"known: {sorted(by_name)}.")
+        for name, value in masks.items():
+            mw = by_name[name]
+            value = np.asarray(value)
+            if value.shape != tuple(mw.mask.shape):
+                raise ValueError(f"Mask for {self.name}/{name} has shape {value.shape}, "
+                                 f"expected {tuple(mw.mask.shape)}.")
+            mw.mask.assign(value.astype(mw.mask.dtype))
+            if zero_weights:
+                w = keras.ops.convert_to_numpy(mw.weight)
+                mw.weight.assign(np.where(value != 0, w, 0).astype(w.dtype))
+
+    # ---------------------------------------------------------- serialization
+    def get_config(self):
+        config = super().get_config()
+        config.update(mask_depthwise=self.mask_depthwise, capture_gradients=self.capture_gradients)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        return cls(layer, **config)

@@ -1,0 +1,325 @@
+"""Turn a Keras model into a sparse one and back: ``sparsify``, ``strip``.
+
+``sparsify`` clones the model (Sequential, functional, and models nested in
+them such as ``keras.applications`` backbones), wraps every maskable layer in
+:class:`~keras_rigl.Masked`, copies the existing weights, and draws masks with
+the requested per-layer distribution. ``initialize_masks`` does the last step
+alone, for models (e.g. subclassed ones) that hold ``Masked`` layers already.
+``strip`` gives back a plain Keras model with the masked weights at 0.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import keras
+import numpy as np
+
+from keras_rigl import distributions, maskable
+from keras_rigl.masked import Masked
+
+MASK_INITS = ("random", "magnitude")
+
+
+def masked_layers(model):
+    """All :class:`Masked` layers of ``model``, nested models included, in order."""
+    found = []
+    seen = set()
+
+    def visit(layer):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if isinstance(layer, Masked):
+            found.append(layer)
+            return
+        for child in getattr(layer, "layers", None) or []:
+            visit(child)
+
+    if isinstance(model, Masked):
+        return [model]
+    for layer in getattr(model, "layers", []):
+        visit(layer)
+    return found
+
+
+def _all_layers(model):
+    """Every layer of ``model`` (recursively into nested models), in order."""
+    out = []
+
+    def visit(layer):
+        out.append(layer)
+        if isinstance(layer, keras.Model):
+            for child in layer.layers:
+                visit(child)
+
+    for layer in model.layers:
+        visit(layer)
+    return out
+
+
+def _check_built(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Expected a keras.Model, got {type(model).__name__}.")
+    if not model.built or any(not layer.built for layer in _all_layers(model)):
+        raise ValueError(
+            f"Model {model.name!r} is not built. Build it first: give the first layer an input "
+            "shape (keras.Input(shape=...)), call model.build(input_shape), or call the model "
+            "on a batch of data."
+        )
+
+
+def _is_graph_model(model):
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def _exclusion_predicate(model, exclude):
+    if exclude is None:
+        return lambda layer: False
+    if callable(exclude):
+        return exclude
+    names = {exclude} if isinstance(exclude, str) else set(exclude)
+    known = {layer.name for layer in _all_layers(model)}
+    unknown = names - known
+    if unknown:
+        raise ValueError(
+            f"exclude names {sorted(unknown)} match no layer of model {model.name!r}. "
+            f"Layer names are: {sorted(known)}."
+        )
+    return lambda layer: layer.name in names
+
+
+def sparsify(
+    model,
+    sparsity,
+    distribution="erk",
+    exclude=None,
+    per_layer=None,
+    mask_init="random",
+    seed=None,
+    mask_depthwise=False,
+    capture_gradients=True,
+):
+    """Clone ``model`` with every maskable layer wrapped in ``Masked`` and masks drawn.
+
+    Args:
+        model: a built Sequential or functional Keras model (nested models,
+            e.g. ``keras.applications`` backbones used as layers, are cloned
+            too). Subclassed models cannot be cloned: build them with
+            ``keras_rigl.Masked`` around their layers and call
+            :func:`initialize_masks`.
+        sparsity: target fraction of zero weights over all masked weights, in [0, 1).
+        distribution: ``"erk"`` (default), ``"er"`` or ``"uniform"`` (first
+            masked layer kept dense).
+        exclude: layer names (str or list) or a predicate ``layer -> bool``;
+            those layers stay dense and unwrapped.
+        per_layer: ``{layer name: sparsity}`` (or ``"layer/weight"`` for one
+            weight of a multi-weight layer such as LSTM) fixed for those.
+        mask_init: ``"random"`` (uniform at random, the sparse-from-scratch
+            path) or ``"magnitude"`` (keep the largest |w|: the path for
+            pretrained weights).
+        seed: int for reproducible masks.
+        mask_depthwise: also mask depthwise kernels (off, as in the paper).
+        capture_gradients: see :class:`Masked`.
+
+    Returns:
+        A new model. The input model is not modified.
+    """
+    distributions.check_sparsity(sparsity)
+    if distribution not in distributions.DISTRIBUTIONS:
+        raise ValueError(
+            f"Unknown distribution {distribution!r}; use one of {', '.join(distributions.DISTRIBUTIONS)}."
+        )
+    if mask_init not in MASK_INITS:
+        raise ValueError(f"Unknown mask_init {mask_init!r}; use 'random' or 'magnitude'.")
+    _check_built(model)
+    if masked_layers(model):
+        raise ValueError(
+            f"Model {model.name!r} already has Masked layers; call keras_rigl.initialize_masks(model, ...) "
+            "to redraw its masks, or keras_rigl.strip(model) first."
+        )
+    if not _is_graph_model(model):
+        raise ValueError(
+            f"Model {model.name!r} is a subclassed model ({type(model).__name__}), which Keras cannot "
+            "clone. Wrap its layers with keras_rigl.Masked(...) where you create them in __init__, "
+            "build the model, then call keras_rigl.initialize_masks(model, sparsity=...)."
+        )
+    excluded = _exclusion_predicate(model, exclude)
+
+    originals = {}  # id(new layer whose weights to fill) -> original layer
+    unmaskable = []
+
+    def clone_layer(layer):
+        new = layer.__class__.from_config(layer.get_config())
+        originals[id(new)] = layer
+        if excluded(layer) or not maskable.is_maskable(layer, depthwise=mask_depthwise):
+            if maskable.has_unmaskable_kernel(layer) and not excluded(layer):
+                unmaskable.append(f"{layer.name} ({type(layer).__name__})")
+            return new
+        return Masked(new, mask_depthwise=mask_depthwise, capture_gradients=capture_gradients)
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    except ValueError as err:  # pragma: no cover - Keras refuses unusual graphs
+        raise ValueError(
+            f"Keras could not clone model {model.name!r} ({err}). Wrap its layers with "
+            "keras_rigl.Masked directly and call keras_rigl.initialize_masks(model, ...)."
+        ) from err
+    _copy_weights(clone, originals)
+    if unmaskable:
+        warnings.warn(
+            "keras_rigl left these layers dense (no known maskable weights; make them maskable "
+            "with keras_rigl.MaskableLayer or keras_rigl.register_maskable): " + ", ".join(unmaskable),
+            stacklevel=2,
+        )
+    if not masked_layers(clone):
+        raise ValueError(
+            f"Model {model.name!r} has no maskable layer (Dense, Conv, Embedding, RNN, ...) left "
+            "after `exclude`; nothing to make sparse."
+        )
+    initialize_masks(
+        clone, sparsity, distribution=distribution, per_layer=per_layer, mask_init=mask_init, seed=seed
+    )
+    return clone
+
+
+def _copy_weights(clone, originals):
+    for layer in _all_layers(clone):
+        target = layer.layer if isinstance(layer, Masked) else layer
+        source = originals.get(id(target))
+        if source is None or isinstance(source, keras.Model):
+            continue
+        weights = source.get_weights()
+        if weights:
+            target.set_weights(weights)
+
+
+def _weight_keys(layers):
+    """``{"layer/weight": (Masked layer, MaskedWeight)}`` over all masked weights."""
+    keys = {}
+    for layer in layers:
+        for mw in layer.masked_weights:
+            keys[f"{layer.layer.name}/{mw.name}"] = (layer, mw)
+    return keys
+
+
+def _expand_per_layer(per_layer, keys):
+    """Map user keys (a layer name, or "layer/weight") onto weight keys."""
+    expanded = {}
+    for name, value in (per_layer or {}).items():
+        if name in keys:
+            expanded[name] = value
+            continue
+        matches = [k for k in keys if k.split("/", 1)[0] == name]
+        if not matches:
+            layer_names = sorted({k.split("/", 1)[0] for k in keys})
+            raise ValueError(
+                f"per_layer name {name!r} matches no masked layer. Masked layers are: {layer_names}."
+            )
+        for k in matches:
+            expanded[k] = value
+    return expanded
+
+
+def _draw_mask(weight, n_active, mask_init, rng):
+    size = weight.size
+    mask = np.zeros(size, dtype=bool)
+    if mask_init == "random":
+        mask[rng.choice(size, size=n_active, replace=False)] = True
+    else:
+        # Largest |w| first; ties broken by a seeded random key so that a
+        # constant-initialised tensor still gets a random (reproducible) mask.
+        order = np.lexsort((rng.random(size), -np.abs(weight.reshape(-1))))
+        mask[order[:n_active]] = True
+    return mask.reshape(weight.shape)
+
+
+def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_init="random", seed=None):
+    """Draw the masks of every ``Masked`` layer of ``model`` and zero the masked weights.
+
+    Returns ``{"layer/weight": density}``.
+    """
+    distributions.check_sparsity(sparsity)
+    if mask_init not in MASK_INITS:
+        raise ValueError(f"Unknown mask_init {mask_init!r}; use 'random' or 'magnitude'.")
+    _check_built(model)
+    layers = masked_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model {model.name!r} has no Masked layer. Use keras_rigl.sparsify(model, ...) or wrap "
+            "layers with keras_rigl.Masked."
+        )
+    keys = _weight_keys(layers)
+    shapes = {k: tuple(mw.weight.shape) for k, (_, mw) in keys.items()}
+    densities = distributions.layer_densities(
+        shapes, sparsity, distribution, per_layer=_expand_per_layer(per_layer, keys)
+    )
+    counts = distributions.active_counts(shapes, densities)
+    rng = np.random.default_rng(seed)
+    for index, (key, (layer, mw)) in enumerate(keys.items()):
+        w = keras.ops.convert_to_numpy(mw.weight)
+        mask = _draw_mask(w, counts[key], mask_init, np.random.default_rng(rng.integers(2**63)))
+        layer.set_masks({mw.name: mask})
+    return densities
+
+
+def strip(model):
+    """A plain Keras model: ``Masked`` wrappers removed, masked weights exactly 0.
+
+    The result computes the same function as ``model`` and needs nothing from
+    keras_rigl to load.
+    """
+    if isinstance(model, Masked):
+        raise TypeError("strip() takes a model; for one layer use `masked_layer.layer`.")
+    _check_built(model)
+    if not masked_layers(model):
+        return model
+    if not _is_graph_model(model):
+        raise ValueError(
+            f"Model {model.name!r} is a subclassed model, which Keras cannot clone; strip its "
+            "Masked layers yourself (their `.layer`, with weights multiplied by the masks)."
+        )
+    sources = {}
+
+    def clone_layer(layer):
+        source = layer.layer if isinstance(layer, Masked) else layer
+        new = source.__class__.from_config(source.get_config())
+        sources[id(new)] = layer
+        return new
+
+    def call_layer(layer, *args, **kwargs):
+        # The graph recorded the Masked wrapper's call, whose signature takes
+        # `training` and `mask`; the plain layer may take neither.
+        params = layer.call_signature_parameters
+        accepts_any = "kwargs" in params
+        kwargs = {k: v for k, v in kwargs.items() if k in params or accepts_any or k not in ("mask", "training")}
+        return layer(*args, **kwargs)
+
+    call_function = None if isinstance(model, keras.Sequential) else call_layer
+    clone = keras.models.clone_model(
+        model, clone_function=clone_layer, call_function=call_function, recursive=True
+    )
+    for layer in _all_layers(clone):
+        source = sources.get(id(layer))
+        if source is None or isinstance(source, keras.Model):
+            continue
+        if isinstance(source, Masked):
+            masks = {id(mw.weight): keras.ops.convert_to_numpy(mw.mask) for mw in source.masked_weights}
+            weights = [
+                np.where(masks[id(v)] != 0, keras.ops.convert_to_numpy(v), 0).astype(v.dtype)
+                if id(v) in masks
+                else keras.ops.convert_to_numpy(v)
+                for v in source.layer.weights
+            ]
+        else:
+            weights = source.get_weights()
+        if weights:
+            layer.set_weights(weights)
+    return clone
+
+
+def density_of(mask):
+    return float(np.count_nonzero(mask)) / max(1, math.prod(mask.shape))

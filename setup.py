@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="keras_rigl",
+    version="0.1.0",
+    description="Sparse neural networks trained from scratch in Keras 3: RigL, SET, SNFS, static sparse; ERK; sparse TFLite export.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_rigl", "keras_rigl.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.8",
+        "tensorflow>=2.18",
+        "numpy",
+        "pandas",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "mlxtend", "scikit-learn", "matplotlib", "ai-edge-litert; platform_system=='Linux'"],
+        "examples": ["matplotlib", "mlxtend", "scikit-learn", "ai-edge-litert; platform_system=='Linux'", "tqdm"],
+        "tfmot": ["tf_keras", "tensorflow-model-optimization"],
+    },
+    license="Apache-2.0",
+)
