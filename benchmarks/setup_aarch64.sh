@@ -34,8 +34,7 @@ if [ "${1:-}" = "--check" ]; then
   echo "not ready"; exit 1
 fi
 
-LITERT_VER0="$("$HOST_PY" -c 'import importlib.metadata as m; print(m.version("ai-edge-litert"))' 2>/dev/null || true)"
-if [ -f "$CACHE/.done" ] && [ -x "$RUN" ] && [ -f "$SITE/.litert-${LITERT_VER:-$LITERT_VER0}" ]; then
+if [ -f "$CACHE/.done" ] && [ -x "$RUN" ] && [ -f "$SITE/.litert-${LITERT_VER:-2.1.6}" ]; then
   log "already set up ($CACHE); run: $RUN script.py"
   exit 0
 fi
@@ -83,9 +82,12 @@ fi
 [ -x "$ROOT/usr/bin/python3.11" ] || { log "python3.11 missing in $ROOT"; exit 1; }
 
 # 3. aarch64 wheels for numpy + ai-edge-litert, installed with the host pip
-# Same ai-edge-litert version as the host (recent aarch64 wheels are tagged
-# manylinux_2_27, which pip only picks when that tag is listed explicitly).
-LITERT_VER="${LITERT_VER:-$("$HOST_PY" -c 'import importlib.metadata as m; print(m.version("ai-edge-litert"))' 2>/dev/null || true)}"
+# ai-edge-litert version for aarch64. 2.2.0 and 2.3.0 (aarch64) segfault in
+# allocate_tensors() when the XNNPACK delegate is created under Debian 12's
+# qemu-user 7.2 (any -cpu model); 2.1.6 is the newest that runs (measured
+# 2026-11-27). Override with LITERT_VER=... Recent aarch64 wheels are tagged
+# manylinux_2_27, which pip only picks when that tag is listed explicitly.
+LITERT_VER="${LITERT_VER:-2.1.6}"
 LITERT_SPEC="ai-edge-litert${LITERT_VER:+==$LITERT_VER}"
 if [ ! -f "$SITE/.litert-$LITERT_VER" ]; then
   log "pip-installing aarch64 wheels ($LITERT_SPEC, numpy<2.3) into $SITE"

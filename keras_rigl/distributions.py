@@ -136,5 +136,21 @@ def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True):
 
 
 def active_counts(shapes, densities):
-    """Number of active weights per name: round(density * size)."""
-    return {n: int(round(densities[n] * math.prod(int(d) for d in shapes[n]))) for n in shapes}
+    """Number of active weights per name, summing exactly to the rounded target.
+
+    Each weight gets floor(density * size) and the remaining units go to the
+    largest fractional parts (largest-remainder rounding), so every count is
+    within one of density * size and the total is round(sum density * size).
+    """
+    sizes = {n: math.prod(int(d) for d in shapes[n]) for n in shapes}
+    exact = {n: densities[n] * sizes[n] for n in shapes}
+    counts = {n: int(math.floor(exact[n] + 1e-9)) for n in shapes}
+    missing = int(round(sum(exact.values()))) - sum(counts.values())
+    by_remainder = sorted(shapes, key=lambda n: exact[n] - counts[n], reverse=True)
+    for n in by_remainder:
+        if missing <= 0:
+            break
+        if counts[n] < sizes[n]:
+            counts[n] += 1
+            missing -= 1
+    return counts

@@ -159,9 +159,6 @@ class Masked(keras.layers.Wrapper):
         with self._effective_weights():
             return self.layer(inputs, **kwargs)
 
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
-
     def compute_mask(self, inputs, mask=None):
         return self.layer.compute_mask(inputs, mask)
 

@@ -1,0 +1,199 @@
+"""Run ``.tflite`` files: one interpreter choice and one predict helper.
+
+LiteRT (``ai_edge_litert.interpreter.Interpreter``) is used where it is
+installed, otherwise ``tf.lite.Interpreter``.  ``use_xnnpack=False`` selects
+the builtin kernels without the default (XNNPACK) delegate.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "interpreter_backend",
+    "make_interpreter",
+    "tflite_predict",
+    "TFLiteRunner",
+]
+
+
+def _interpreter_module():
+    try:
+        from ai_edge_litert import interpreter as litert
+
+        return "ai_edge_litert", litert
+    except Exception:  # pragma: no cover - depends on the environment
+        import tensorflow as tf
+
+        return "tf.lite", tf.lite
+
+
+def interpreter_backend() -> str:
+    """``"ai_edge_litert"`` or ``"tf.lite"``: which interpreter is used."""
+    return _interpreter_module()[0]
+
+
+def make_interpreter(model: str | os.PathLike | bytes, num_threads: int | None = None,
+                     use_xnnpack: bool = True):
+    """An interpreter for a ``.tflite`` path or its bytes (not yet allocated)."""
+    name, mod = _interpreter_module()
+    if name == "ai_edge_litert":
+        Interpreter = mod.Interpreter
+        resolver = mod.OpResolverType
+    else:  # pragma: no cover - fallback
+        Interpreter = mod.Interpreter
+        resolver = mod.experimental.OpResolverType
+    kwargs: dict[str, Any] = {}
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        kwargs["model_content"] = bytes(model)
+    else:
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no TFLite file at {path!r}")
+        kwargs["model_path"] = path
+    if num_threads is not None:
+        if int(num_threads) < 1 and int(num_threads) != -1:
+            raise ValueError(f"num_threads must be >= 1 (or -1 for the default), got {num_threads}")
+        kwargs["num_threads"] = int(num_threads)
+    kwargs["experimental_op_resolver_type"] = (
+        resolver.AUTO if use_xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    return Interpreter(**kwargs)
+
+
+def _quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(np.asarray(x).dtype, np.integer):
+        scale, zero_point = detail["quantization"]
+        if not scale:
+            raise ValueError(f"input {detail['name']!r} is {dtype} without quantization parameters; "
+                             "pass already-quantized integers")
+        info = np.iinfo(dtype)
+        q = np.round(np.asarray(x, dtype=np.float64) / scale + zero_point)
+        return np.clip(q, info.min, info.max).astype(dtype)
+    return np.asarray(x).astype(dtype, copy=False)
+
+
+def _dequantize_output(y: np.ndarray, detail: dict, dequantize: bool) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if dequantize and np.issubdtype(dtype, np.integer):
+        scale, zero_point = detail["quantization"]
+        if scale:
+            return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
+    return y
+
+
+class TFLiteRunner:
+    """A loaded interpreter with batch handling and int8 I/O scaling.
+
+    ``runner(x)`` returns the outputs for a batch ``x`` (an array, or a
+    list/tuple of arrays for multi-input models).  Batches are run in one
+    invoke by resizing the input when the model allows a dynamic batch;
+    otherwise sample by sample.  ``runner.invoke()`` runs one invoke on
+    whatever is set (used by the latency benchmark).
+    """
+
+    def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None,
+                 use_xnnpack: bool = True):
+        self.interpreter = make_interpreter(model, num_threads=num_threads, use_xnnpack=use_xnnpack)
+        self.interpreter.allocate_tensors()
+        self.num_threads = num_threads
+        self.use_xnnpack = use_xnnpack
+        self._batch = None
+        self._can_resize = None
+
+    @property
+    def input_details(self):
+        return self.interpreter.get_input_details()
+
+    @property
+    def output_details(self):
+        return self.interpreter.get_output_details()
+
+    def _resize(self, batch: int) -> bool:
+        if self._batch == batch:
+            return True
+        if self._can_resize is False:
+            return False
+        try:
+            for d in self.interpreter.get_input_details():
+                shape = list(d["shape"])
+                shape[0] = batch
+                self.interpreter.resize_tensor_input(d["index"], shape, strict=False)
+            self.interpreter.allocate_tensors()
+            self._batch = batch
+            self._can_resize = True
+            return True
+        except Exception:
+            self._can_resize = False
+            # restore batch 1 so the per-sample loop works
+            for d in self.interpreter.get_input_details():
+                shape = list(d["shape"])
+                shape[0] = 1
+                self.interpreter.resize_tensor_input(d["index"], shape, strict=False)
+            self.interpreter.allocate_tensors()
+            self._batch = 1
+            return False
+
+    def set_inputs(self, xs: Sequence[np.ndarray]) -> None:
+        details = self.interpreter.get_input_details()
+        for d, x in zip(details, xs):
+            self.interpreter.set_tensor(d["index"], _quantize_input(x, d))
+
+    def invoke(self) -> None:
+        self.interpreter.invoke()
+
+    def get_outputs(self, dequantize: bool = True) -> list[np.ndarray]:
+        return [_dequantize_output(self.interpreter.get_tensor(d["index"]), d, dequantize)
+                for d in self.interpreter.get_output_details()]
+
+    def __call__(self, x, dequantize: bool = True, batch_size: int | None = None):
+        details = self.interpreter.get_input_details()
+        multi = isinstance(x, (list, tuple))
+        xs = [np.asarray(v) for v in (x if multi else [x])]
+        if len(xs) != len(details):
+            raise ValueError(f"the model has {len(details)} input(s), got {len(xs)}")
+        for d, v in zip(details, xs):
+            want = tuple(int(s) for s in d["shape_signature"][1:]) if len(d["shape_signature"]) else ()
+            if v.ndim != len(d["shape_signature"]) or any(w not in (-1, s) for w, s in zip(want, v.shape[1:])):
+                raise ValueError(f"input {d['name']!r} expects shape (batch, {', '.join(map(str, want))}), "
+                                 f"got {v.shape}; add the batch dimension / resize the data")
+        n = xs[0].shape[0]
+        if n == 0:
+            raise ValueError("empty batch")
+        step = batch_size or n
+        chunks = []
+        for start in range(0, n, step):
+            part = [v[start:start + step] for v in xs]
+            m = part[0].shape[0]
+            if self._resize(m):
+                self.set_inputs(part)
+                self.invoke()
+                chunks.append(self.get_outputs(dequantize))
+            else:
+                for i in range(m):
+                    self.set_inputs([v[i:i + 1] for v in part])
+                    self.invoke()
+                    chunks.append([o.copy() for o in self.get_outputs(dequantize)])
+        outs = [np.concatenate([c[k] for c in chunks], axis=0) for k in range(len(chunks[0]))]
+        return outs if len(outs) > 1 else outs[0]
+
+
+def tflite_predict(path: str | os.PathLike | bytes, x, num_threads: int | None = None,
+                   use_xnnpack: bool = True, batch_size: int | None = None, dequantize: bool = True):
+    """Outputs of a ``.tflite`` model for the batch ``x``.
+
+    * ``x``: array with a leading batch dimension (or a list of arrays for
+      several inputs).  The whole batch runs in one invoke when the input's
+      batch dimension can be resized, else sample by sample;
+      ``batch_size`` caps the batch per invoke.
+    * int8/uint8 inputs are quantized with the input tensor's scale and
+      zero point (float data) and int8/uint8 outputs are dequantized to
+      float32 (``dequantize=False`` returns the raw integers).
+    * Interpreter: LiteRT if installed, else ``tf.lite.Interpreter``;
+      ``use_xnnpack=False`` runs the builtin kernels without XNNPACK.
+    """
+    runner = TFLiteRunner(path, num_threads=num_threads, use_xnnpack=use_xnnpack)
+    return runner(x, dequantize=dequantize, batch_size=batch_size)

@@ -1,0 +1,44 @@
+"""sparsify on keras.applications models built with weights=None."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_rigl
+
+APPS = {
+    "mobilenet": lambda: keras.applications.MobileNet(weights=None, input_shape=(32, 32, 3), alpha=0.25, classes=10),
+    "mobilenet_v2": lambda: keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10),
+    "resnet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10),
+}
+
+
+@pytest.mark.parametrize("name", list(APPS))
+def test_sparsify_keras_applications(name, rng, tmp_path):
+    model = APPS[name]()
+    sparse = keras_rigl.sparsify(model, 0.9, distribution="erk", seed=0)
+    report = keras_rigl.sparsity_report(sparse)
+    convs = [l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))
+             and not isinstance(l, keras.layers.DepthwiseConv2D)]
+    assert len(report) == len(convs)
+    assert report.attrs["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert report["dense_flops"].notna().all()
+    x = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    plain = keras_rigl.strip(sparse)
+    np.testing.assert_allclose(plain(x), sparse(x), atol=1e-5)
+    if name == "mobilenet_v2":
+        sparse.save(tmp_path / "m.keras")
+        again = keras.models.load_model(tmp_path / "m.keras")
+        np.testing.assert_array_equal(again(x), sparse(x))
+
+
+def test_nested_application_backbone(rng):
+    backbone = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, include_top=False)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(backbone(inp))
+    model = keras.Model(inp, keras.layers.Dense(5, name="head")(x))
+    sparse = keras_rigl.sparsify(model, 0.8, seed=0)
+    names = [l.layer.name for l in keras_rigl.masked_layers(sparse)]
+    assert names[-1] == "head" and "Conv1" in names
+    x = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(keras_rigl.strip(sparse)(x), sparse(x), atol=1e-5)

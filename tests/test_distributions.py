@@ -1,0 +1,83 @@
+"""ER / ERK / uniform densities against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keras_rigl import distributions
+
+# conv (3,3,1,4): 36 params, ERK raw = 11/36, ER raw = (1+4)/(1*4)
+# dense (144,10): 1440 params, ERK raw = ER raw = 154/1440
+SHAPES = {"conv/kernel": (3, 3, 1, 4), "dense/kernel": (144, 10)}
+
+
+def test_erk_uncapped_matches_hand_computation():
+    d = distributions.layer_densities(SHAPES, 0.9, "erk")
+    eps = 0.1 * 1476 / (11 + 154)  # sum raw * size = 11 + 154
+    assert d["conv/kernel"] == pytest.approx(eps * 11 / 36)
+    assert d["dense/kernel"] == pytest.approx(eps * 154 / 1440)
+    assert d["conv/kernel"] == pytest.approx(0.2733333, abs=1e-6)
+
+
+def test_erk_caps_dense_layer_and_resolves_the_rest():
+    d = distributions.layer_densities(SHAPES, 0.5, "erk")
+    # first solve gives conv 738/165*11/36 = 1.37 > 1 -> conv dense
+    assert d["conv/kernel"] == 1.0
+    assert d["dense/kernel"] == pytest.approx((738 - 36) / 1440)
+
+
+def test_er_uses_last_two_dimensions():
+    d = distributions.layer_densities(SHAPES, 0.9, "er")
+    eps = 147.6 / (1.25 * 36 + 154)
+    assert d["conv/kernel"] == pytest.approx(1.25 * eps)
+    assert d["dense/kernel"] == pytest.approx(154 / 1440 * eps)
+
+
+def test_uniform_keeps_first_layer_dense():
+    d = distributions.layer_densities(SHAPES, 0.8, "uniform")
+    assert d == {"conv/kernel": 1.0, "dense/kernel": pytest.approx(0.2)}
+
+
+def test_per_layer_is_honoured_and_the_rest_make_up_the_total():
+    d = distributions.layer_densities(SHAPES, 0.9, "erk", per_layer={"conv/kernel": 0.5})
+    assert d["conv/kernel"] == 0.5
+    assert d["dense/kernel"] * 1440 + 18 == pytest.approx(147.6)
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        distributions.layer_densities(SHAPES, 1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        distributions.layer_densities(SHAPES, -0.1)
+    with pytest.raises(ValueError, match="Unknown distribution"):
+        distributions.layer_densities(SHAPES, 0.5, "gaussian")
+    with pytest.raises(ValueError, match="not among"):
+        distributions.layer_densities(SHAPES, 0.5, per_layer={"nope": 0.1})
+    with pytest.raises(ValueError, match="more than"):
+        distributions.layer_densities(SHAPES, 0.99, per_layer={"dense/kernel": 0.0})
+
+
+shape_st = st.lists(st.integers(1, 40), min_size=1, max_size=4).map(tuple)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(shape_st, min_size=1, max_size=6), st.floats(0.0, 0.99), st.sampled_from(["erk", "er"]))
+def test_er_erk_total_active_equals_target(shapes, sparsity, dist):
+    named = {f"w{i}": s for i, s in enumerate(shapes)}
+    d = distributions.layer_densities(named, sparsity, dist)
+    sizes = {n: math.prod(s) for n, s in named.items()}
+    assert all(0 < v <= 1.0 + 1e-12 for v in d.values())
+    total = sum(d[n] * sizes[n] for n in named)
+    assert total == pytest.approx((1 - sparsity) * sum(sizes.values()), rel=1e-9, abs=1e-6)
+    counts = distributions.active_counts(named, d)
+    assert sum(counts.values()) == round(sum(d[n] * sizes[n] for n in named))
+    assert all(abs(counts[n] - d[n] * sizes[n]) < 1 for n in named)
+    # ERK ordering: a weight with larger raw density never gets a smaller density
+    raws = {n: distributions.raw_density(s, dist) for n, s in named.items()}
+    for a in named:
+        for b in named:
+            if raws[a] > raws[b]:
+                assert d[a] >= d[b] - 1e-12
