@@ -1,5 +1,6 @@
 """keras_rigl: sparse neural networks trained from scratch in Keras 3 (RigL, SET, SNFS)."""
 
+from keras_rigl.callbacks import SET, SNFS, RigL, Static
 from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
@@ -10,6 +11,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Masked",
+    "RigL",
+    "SET",
+    "SNFS",
+    "Static",
     "MaskableLayer",
     "register_maskable",
     "sparsify",

@@ -170,7 +170,11 @@ def _sparsity_info(tensor) -> dict[str, Any] | None:
         # metadata list, in traversal order.
         level = traversal.index(rank + k)
         block_size.append(int(dims[level].get("size", 1)))
+    block_shape = [1] * rank
+    for d, b in zip(block_map, block_size):
+        block_shape[d] = b
     return {
+        "block_shape": block_shape,
         "traversal_order": traversal,
         "block_map": block_map,
         "block_size": block_size,
@@ -354,7 +358,7 @@ def tflite_weight_report(path_or_bytes: str | os.PathLike | bytes) -> TFLiteRepo
             if info is not None:
                 fmt = "sparse"
                 dim_format = ",".join(d["format"] for d in info["dims"])
-                block = "x".join(str(b) for b in info["block_size"]) if info["block_size"] else ""
+                block = "x".join(str(b) for b in info["block_shape"]) if info["block_size"] else ""
                 kind = f"block {block}" if block else "CSR (random)"
                 if "DENSIFY" in via:
                     note = f"{kind}; expanded once to dense by a DENSIFY op at load time (smaller file, dense compute)"

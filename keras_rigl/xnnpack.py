@@ -89,7 +89,7 @@ class SpatialFlip(keras.layers.Layer):
     """Reverse the two spatial axes of an NHWC tensor (its own inverse)."""
 
     def call(self, x):
-        return keras.ops.flip(keras.ops.flip(x, axis=1), axis=2)
+        return keras.ops.flip(x, axis=(1, 2))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -144,7 +144,7 @@ def _layer_config_without(layer, **overrides):
     return cfg
 
 
-def _explicit_pad_layers(layer, in_hw, flipped: bool, name: str):
+def _explicit_pad_layers(layer, in_hw, flipped: bool, name: str, pre_pad=None):
     """Replace a SAME/VALID conv or pool by [ZeroPadding2D/Cropping2D] + VALID layer.
 
     Returns (pre_layers, new_layer, kernel_flip) where pre_layers are
@@ -157,7 +157,12 @@ def _explicit_pad_layers(layer, in_hw, flipped: bool, name: str):
     pads = []
     for i in range(2):
         eff_k = (ks[i] - 1) * dil[i] + 1
-        if layer.padding == "same":
+        if pre_pad is not None:  # ZeroPadding2D(pre_pad) followed by this VALID layer
+            zb, za = pre_pad[i]
+            b = zb
+            out = (in_hw[i] + zb + za - eff_k) // st[i] + 1
+            a = (out - 1) * st[i] + eff_k - in_hw[i] - b
+        elif layer.padding == "same":
             b, a = same_padding(in_hw[i], ks[i], st[i], dil[i])
             out = -(-in_hw[i] // st[i])
         else:
@@ -242,6 +247,14 @@ def rewrite_for_xnnpack_sparse(
             tmap[id(old)] = new
             fmap[id(old)] = False
     changed: List[str] = []
+    zpad_src: Dict[int, Any] = {}
+    n_consumers: Dict[int, int] = {}
+    for op in model.operations:
+        for node in op._inbound_nodes:
+            for t in node.input_tensors:
+                n_consumers[id(t)] = n_consumers.get(id(t), 0) + 1
+    for t in model.outputs:
+        n_consumers[id(t)] = n_consumers.get(id(t), 0) + 1
 
     def unflip(t_old):
         t = tmap[id(t_old)]
@@ -260,12 +273,30 @@ def rewrite_for_xnnpack_sparse(
             ins = node.input_tensors
             in_flipped = any(fmap[id(t)] for t in ins)
             out_flipped = False
+            if isinstance(op, keras.layers.ZeroPadding2D) and len(ins) == 1:
+                (pt, pb), (pl, pr) = op.padding
+                if fmap[id(ins[0])]:
+                    pt, pb, pl, pr = pb, pt, pr, pl
+                y = keras.layers.ZeroPadding2D(((pt, pb), (pl, pr)), name=op.name)(tmap[id(ins[0])])
+                tmap[id(node.output_tensors[0])] = y
+                fmap[id(node.output_tensors[0])] = fmap[id(ins[0])]
+                zpad_src[id(node.output_tensors[0])] = (ins[0], op.padding)
+                continue
             if (_is_plain_conv(op) or isinstance(op, _POOL)) and len(ins) == 1:
                 ks = op.kernel_size if hasattr(op, "kernel_size") else op.pool_size
                 x = tmap[id(ins[0])]
+                in_hw = ins[0].shape[1:3]
+                pre_pad = None
+                src = zpad_src.get(id(ins[0]))
+                if (src is not None and op.padding == "valid" and _is_plain_conv(op)
+                        and n_consumers.get(id(ins[0]), 0) == 1):
+                    # fold ZeroPadding2D -> VALID conv into one explicit padding
+                    pre_pad = src[1]
+                    x = tmap[id(src[0])]
+                    in_hw = src[0].shape[1:3]
                 res = None
-                if max(ks) > 1 or max(op.strides) > 1:
-                    res = _explicit_pad_layers(op, ins[0].shape[1:3], in_flipped, op.name)
+                if max(ks) > 1 or max(op.strides) > 1 or pre_pad is not None:
+                    res = _explicit_pad_layers(op, in_hw, in_flipped, op.name, pre_pad)
                 if res is None:
                     if in_flipped and isinstance(op, _POOL) and (op.padding == "same" or max(op.strides) > 1):
                         x = unflip(ins[0])
@@ -382,8 +413,9 @@ def xnnpack_sparse_report(tflite_path: str):
             src = g.operators[producers[t]].inputs[0]
             return _densify(g.tensors[src], m.buffers[g.tensors[src].buffer])
         tb = m.buffers[g.tensors[t].buffer]
-        if tb.data is not None and len(tb.data):
-            return np.frombuffer(bytes(bytearray(tb.data)), dtype=np.float32).reshape(shape(t))
+        dt = {0: np.float32, 1: np.float16, 2: np.int32, 4: np.int64}.get(g.tensors[t].type)
+        if dt is not None and tb.data is not None and len(tb.data):
+            return np.frombuffer(bytes(bytearray(tb.data)), dtype=dt).reshape(shape(t))
         return None
 
     def is_static(t):
@@ -395,11 +427,11 @@ def xnnpack_sparse_report(tflite_path: str):
     for i, op in enumerate(g.operators):
         name = opname(op)
         o = op.builtinOptions
-        row = dict(index=i, op=name, input_shape=shape(op.inputs[0]) if op.inputs else (),
-                   output_shape=shape(op.outputs[0]) if op.outputs else (),
+        row = dict(index=i, op=name, input_shape=shape(op.inputs[0]) if len(op.inputs) else (),
+                   output_shape=shape(op.outputs[0]) if len(op.outputs) else (),
                    kernel=None, stride=None, padding=None, weight_sparsity=None,
                    nchw_role="", sparse_path=False, reason="")
-        fp = all(g.tensors[t].type in (0, 1) for t in list(op.inputs) + list(op.outputs) if t >= 0)
+        fp = all(g.tensors[t].type in (0, 1) for t in list(op.inputs[:1]) + list(op.outputs) if t >= 0)
         r, why = "", ""
         if name in ("DENSIFY",):
             r, why = "weights", "weight densification (static, folded by the delegate)"

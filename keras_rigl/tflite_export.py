@@ -1,0 +1,332 @@
+"""Export (sparse) Keras models to TFLite and TF SavedModel.
+
+``export_tflite`` strips the ``Masked`` wrappers, converts with
+``tf.lite.Optimize.EXPERIMENTAL_SPARSITY`` so that masked (zero) weights are
+stored in TFLite's sparse format, writes the file atomically and returns a
+per-tensor storage report read back from the written flatbuffer
+(:func:`keras_rigl.tflite_report.tflite_weight_report`).
+
+What the converter does with sparse weights (tensorflow/compiler/mlir/lite/
+transforms/dense_to_sparse.cc): a rank-2/4 constant feeding CONV_2D,
+DEPTHWISE_CONV_2D, TRANSPOSE_CONV or FULLY_CONNECTED with at least 30 %
+zeros (``kMinSparsityLevel``) is stored sparse; unless it matches a block
+configuration the consuming kernel supports (1x4 for FULLY_CONNECTED, only
+when the zeros really come in such blocks), it is stored as random-sparsity
+CSR and a DENSIFY op expands it once when the interpreter prepares the
+model.  So the *file* shrinks, but compute stays dense unless a delegate
+(XNNPACK's sparse path, see ``keras_rigl.xnnpack``) uses the sparsity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = ["export_tflite", "export_saved_model", "QUANTIZE_MODES", "representative_dataset"]
+
+QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
+TARGETS = (None, "xnnpack_sparse")
+_MAX_REPRESENTATIVE = 200
+
+
+# ---------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------
+def _all_layers(model) -> list:
+    try:
+        return list(model._flatten_layers(include_self=False, recursive=True))
+    except Exception:  # pragma: no cover - very old/other Keras
+        return list(getattr(model, "layers", []))
+
+
+def _check_model(model) -> None:
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__name__}; wrap layers in a "
+                        "keras.Model (or pass the path through keras.models.load_model first)")
+    unbuilt = [layer.name for layer in _all_layers(model) if not layer.built]
+    if not model.built or unbuilt:
+        what = f"layers {unbuilt[:5]}" if unbuilt else f"model {model.name!r}"
+        raise ValueError(f"cannot export: {what} not built (no weights yet). Build the model first, e.g. "
+                         "`model.build((None, H, W, C))`, give it a `keras.Input`, or call it on a batch.")
+
+
+def _check_quantize(quantize) -> Any:
+    if isinstance(quantize, str) and quantize.lower() in ("none", "float32", "fp32"):
+        quantize = None
+    if isinstance(quantize, str):
+        quantize = quantize.lower()
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unsupported quantize={quantize!r}; use one of None, 'dynamic', 'float16', 'int8'")
+    return quantize
+
+
+def _check_target(target) -> Any:
+    if target not in TARGETS:
+        raise ValueError(f"unsupported target={target!r}; use None or 'xnnpack_sparse'")
+    return target
+
+
+def _check_output_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; give a file path such as {os.path.join(path, 'model.tflite')!r}")
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot write {path!r}: directory {directory!r} does not exist; "
+                         f"create it first (os.makedirs({directory!r}, exist_ok=True))")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path!r}: directory {directory!r} is not writable; "
+                         "choose another output path or fix its permissions")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# representative data
+# ---------------------------------------------------------------------------
+def _input_specs(model) -> list[tuple[tuple, str]]:
+    specs = []
+    for t in model.inputs:
+        specs.append((tuple(t.shape), str(getattr(t.dtype, "name", t.dtype))))
+    return specs
+
+
+def _as_samples(data, n_inputs: int) -> Iterable[list[np.ndarray]]:
+    """Yield lists of arrays (one per model input), each possibly batched."""
+    import tensorflow as tf
+
+    if callable(data) and not isinstance(data, tf.data.Dataset):
+        data = data()
+    if isinstance(data, np.ndarray):
+        yield [data]
+        return
+    if (isinstance(data, (list, tuple)) and n_inputs > 1 and len(data) == n_inputs
+            and all(isinstance(d, np.ndarray) for d in data)):
+        yield [np.asarray(d) for d in data]  # one array per input
+        return
+    if isinstance(data, tf.data.Dataset):
+        data = data.as_numpy_iterator()
+    for item in data:
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, tuple) and len(item) in (2, 3) and n_inputs == 1:
+            item = item[0]  # (x, y) or (x, y, sample_weight)
+        if isinstance(item, (list, tuple)):
+            yield [np.asarray(v) for v in item]
+        else:
+            yield [np.asarray(item)]
+
+
+def representative_dataset(data, model, max_samples: int = _MAX_REPRESENTATIVE):
+    """A converter ``representative_dataset`` callable from an array / Dataset / generator.
+
+    Checks every sample against the model's input shapes and raises a
+    ``ValueError`` saying what was expected.  Samples are fed one at a time
+    (batch 1), at most ``max_samples`` of them.
+    """
+    specs = _input_specs(model)
+    samples: list[list[np.ndarray]] = []
+    for xs in _as_samples(data, len(specs)):
+        if len(xs) != len(specs):
+            raise ValueError(f"representative_data gives {len(xs)} input(s) per sample, the model has {len(specs)}")
+        fixed = []
+        for x, (shape, _) in zip(xs, specs):
+            x = np.asarray(x, dtype=np.float32)
+            if x.ndim == len(shape) - 1:
+                x = x[None]
+            if x.ndim != len(shape) or any(s is not None and s != v for s, v in zip(shape[1:], x.shape[1:])):
+                raise ValueError(f"representative_data sample has shape {x.shape[1:]} per example but the model "
+                                 f"input is {tuple(shape[1:])}; resize/reshape the data to the model's input")
+            fixed.append(x)
+        for i in range(fixed[0].shape[0]):
+            samples.append([f[i:i + 1] for f in fixed])
+            if len(samples) >= max_samples:
+                break
+        if len(samples) >= max_samples:
+            break
+    if not samples:
+        raise ValueError("representative_data is empty; give at least a few (ideally ~100) real input samples")
+
+    def gen():
+        for s in samples:
+            yield s
+
+    return gen
+
+
+# ---------------------------------------------------------------------------
+# conversion
+# ---------------------------------------------------------------------------
+def _strip(model):
+    try:
+        from keras_rigl.sparsify import masked_layers, strip
+    except ImportError:  # pragma: no cover - foundation missing
+        return model
+    if masked_layers(model):
+        return strip(model)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the SavedModel/converter chatter printed on stdout."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield buf
+
+
+def _saved_model(model, directory: str) -> None:
+    with _quiet():
+        model.export(directory, format="tf_saved_model", verbose=False)
+
+
+def _convert(model, quantize, representative, sparse: bool) -> bytes:
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="keras_rigl_tflite_") as tmp:
+        sm = os.path.join(tmp, "saved_model")
+        _saved_model(model, sm)
+        conv = tf.lite.TFLiteConverter.from_saved_model(sm)
+        opts = []
+        if quantize is not None:
+            opts.append(tf.lite.Optimize.DEFAULT)
+        if sparse:
+            opts.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+        conv.optimizations = opts
+        if quantize == "float16":
+            conv.target_spec.supported_types = [tf.float16]
+        elif quantize == "int8":
+            conv.representative_dataset = representative
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+        with _quiet():
+            return conv.convert()
+
+
+def _write_atomic(data: bytes, path: str) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export_tflite(model, path, quantize=None, representative_data=None, sparse: bool = True, target=None):
+    """Export ``model`` to a ``.tflite`` file and report what the file stores.
+
+    Args:
+        model: a built Keras model, with or without ``Masked`` wrappers
+            (they are stripped; masked weights are exactly 0).
+        path: output file. Written atomically (temp file in the same
+            directory + ``os.replace``): a failed export leaves no partial
+            file and never replaces an existing one.
+        quantize: ``None`` (float32), ``"dynamic"`` (int8 weights, float
+            activations), ``"float16"`` (fp16 weights) or ``"int8"`` (full
+            integer incl. int8 input/output; needs ``representative_data``).
+        representative_data: for ``"int8"``: an array ``(N, ...)`` of real
+            inputs, a ``tf.data.Dataset`` (of x or (x, y)) or a generator /
+            callable yielding them; ~100 samples are used.
+        sparse: store masked weights in TFLite's sparse format
+            (``EXPERIMENTAL_SPARSITY``). ``False`` gives the dense baseline.
+        target: ``None`` or ``"xnnpack_sparse"`` (rewrite the model so
+            XNNPACK's sparse inference path can take it, and attach its
+            per-op verdict as ``report.attrs["xnnpack"]``).
+
+    Returns:
+        A DataFrame (``keras_rigl.tflite_report.TFLiteReport``) with one row
+        per constant tensor read back from the written flatbuffer (see
+        :func:`~keras_rigl.tflite_report.tflite_weight_report`), file totals
+        in ``.attrs["totals"]`` and the export settings in ``.attrs``.
+    """
+    from keras_rigl.tflite_report import tflite_weight_report
+
+    quantize = _check_quantize(quantize)
+    target = _check_target(target)
+    _check_model(model)
+    path = _check_output_path(path)
+    if quantize == "int8" and representative_data is None:
+        raise ValueError("quantize='int8' needs representative_data: ~100 real input samples as an array "
+                         "(N, ...), a tf.data.Dataset or a generator, to calibrate activation ranges; "
+                         "or use quantize='dynamic' (int8 weights, float activations), which needs none")
+    if quantize != "int8" and representative_data is not None:
+        raise ValueError(f"representative_data is only used with quantize='int8' (got quantize={quantize!r})")
+
+    plain = _strip(model)
+    xnn_info = None
+    if target == "xnnpack_sparse":
+        try:
+            from keras_rigl.xnnpack import rewrite_for_xnnpack_sparse
+        except ImportError as e:  # pragma: no cover - depends on the tree
+            raise ImportError("target='xnnpack_sparse' needs keras_rigl.xnnpack, which is not available") from e
+        plain = rewrite_for_xnnpack_sparse(plain)
+    representative = representative_dataset(representative_data, plain) if quantize == "int8" else None
+
+    data = _convert(plain, quantize, representative, sparse)
+    _write_atomic(data, path)
+
+    report = tflite_weight_report(path)
+    report.attrs.update({"path": path, "quantize": quantize, "sparse": bool(sparse), "target": target})
+    if target == "xnnpack_sparse":
+        from keras_rigl.xnnpack import xnnpack_sparse_report
+
+        xnn_info = xnnpack_sparse_report(path)
+        report.attrs["xnnpack"] = xnn_info
+    return report
+
+
+def export_saved_model(model, path):
+    """Export a stripped model as a TF SavedModel for TF Serving.
+
+    The directory gets a ``serving_default`` signature (and ``serve``
+    endpoint) taking the model's inputs. It is written to a temporary
+    sibling directory first and moved into place, so a failed export leaves
+    ``path`` as it was. An existing SavedModel at ``path`` is replaced; any
+    other existing path is an error. Returns the absolute path.
+    """
+    _check_model(model)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot write {path!r}: directory {parent!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path!r}: directory {parent!r} is not writable")
+    if os.path.exists(path) and not (os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb"))):
+        raise ValueError(f"{path!r} exists and is not a SavedModel directory; remove it or choose another path")
+    plain = _strip(model)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", dir=parent)
+    old = None
+    try:
+        target = os.path.join(tmp, "m")
+        _saved_model(plain, target)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".old.", dir=parent)
+            os.replace(path, os.path.join(old, "m"))
+        os.replace(target, path)
+    except BaseException:
+        if old is not None and not os.path.exists(path):
+            os.replace(os.path.join(old, "m"), path)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
