@@ -15,7 +15,7 @@ setup(
         "pandas",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "mlxtend", "scikit-learn", "matplotlib", "ai-edge-litert; platform_system=='Linux'"],
+        "test": ["pytest", "hypothesis", "tensorboard", "mlxtend", "scikit-learn", "matplotlib", "ai-edge-litert; platform_system=='Linux'"],
         "examples": ["matplotlib", "mlxtend", "scikit-learn", "ai-edge-litert; platform_system=='Linux'", "tqdm"],
         "tfmot": ["tf_keras", "tensorflow-model-optimization"],
     },

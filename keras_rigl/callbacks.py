@@ -271,7 +271,7 @@ class SET(keras.callbacks.Callback):
         params = self.params or {}
         epochs, steps = params.get("epochs"), params.get("steps")
         total = epochs * steps if epochs and steps else None
-        self.attach(model, total_steps=total, step=int(model.optimizer.iterations))
+        self.attach(model, total_steps=total, step=int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
         self._sparsity = self.current_sparsity(model)
         self._itop = self.itop_rate()
 

@@ -8,6 +8,7 @@ the builtin kernels without the default (XNNPACK) delegate.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -96,11 +97,33 @@ class TFLiteRunner:
     """
 
     def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None,
-                 use_xnnpack: bool = True):
-        self.interpreter = make_interpreter(model, num_threads=num_threads, use_xnnpack=use_xnnpack)
-        self.interpreter.allocate_tensors()
+                 use_xnnpack: bool = True, fallback: bool = True):
         self.num_threads = num_threads
         self.use_xnnpack = use_xnnpack
+        #: why XNNPACK could not take the model (None if it could / was not asked)
+        self.delegate_error = None
+        self._model = model
+        self._fallback = fallback
+        self.interpreter = make_interpreter(model, num_threads=num_threads, use_xnnpack=use_xnnpack)
+        try:
+            self.interpreter.allocate_tensors()
+        except RuntimeError as e:
+            if not (use_xnnpack and fallback):
+                raise
+            self._drop_xnnpack(e)
+        self._batch = None
+        self._can_resize = None
+
+    def _drop_xnnpack(self, error: Exception) -> None:
+        # e.g. int8 weights stored sparse (dynamic-range or full-integer FC):
+        # the XNNPACK delegate refuses the densified int8 filters ("failed to
+        # delegate CONV_2D node"). Run on the builtin kernels instead, and say so.
+        self.delegate_error = str(error).strip()
+        warnings.warn("XNNPACK could not prepare this model, running it without XNNPACK: "
+                      + self.delegate_error[:300], RuntimeWarning, stacklevel=4)
+        self.interpreter = make_interpreter(self._model, num_threads=self.num_threads, use_xnnpack=False)
+        self.interpreter.allocate_tensors()
+        self.use_xnnpack = False
         self._batch = None
         self._can_resize = None
 
@@ -112,30 +135,38 @@ class TFLiteRunner:
     def output_details(self):
         return self.interpreter.get_output_details()
 
+    def _set_batch(self, batch: int) -> None:
+        for d in self.interpreter.get_input_details():
+            shape = list(d["shape"])
+            shape[0] = batch
+            self.interpreter.resize_tensor_input(d["index"], shape, strict=False)
+        self.interpreter.allocate_tensors()
+
     def _resize(self, batch: int) -> bool:
+        """Make the inputs take ``batch`` samples; False if the model cannot."""
         if self._batch == batch:
             return True
         if self._can_resize is False:
-            return False
-        try:
-            for d in self.interpreter.get_input_details():
-                shape = list(d["shape"])
-                shape[0] = batch
-                self.interpreter.resize_tensor_input(d["index"], shape, strict=False)
-            self.interpreter.allocate_tensors()
-            self._batch = batch
-            self._can_resize = True
-            return True
-        except Exception:
-            self._can_resize = False
-            # restore batch 1 so the per-sample loop works
-            for d in self.interpreter.get_input_details():
-                shape = list(d["shape"])
-                shape[0] = 1
-                self.interpreter.resize_tensor_input(d["index"], shape, strict=False)
-            self.interpreter.allocate_tensors()
-            self._batch = 1
-            return False
+            if batch != 1:
+                return False
+        for attempt in (0, 1):
+            try:
+                self._set_batch(batch)
+                self._batch = batch
+                if batch != 1:
+                    self._can_resize = True
+                return True
+            except RuntimeError as e:
+                if attempt == 0 and self.use_xnnpack and self._fallback and "delegate" in str(e).lower():
+                    self._drop_xnnpack(e)
+                    continue
+                if batch == 1:
+                    raise
+                break
+        self._can_resize = False
+        self._set_batch(1)  # the per-sample loop runs at batch 1
+        self._batch = 1
+        return False
 
     def set_inputs(self, xs: Sequence[np.ndarray]) -> None:
         details = self.interpreter.get_input_details()
@@ -144,6 +175,35 @@ class TFLiteRunner:
 
     def invoke(self) -> None:
         self.interpreter.invoke()
+
+    def _run(self, xs: Sequence[np.ndarray], dequantize: bool) -> list[np.ndarray]:
+        """Set inputs, invoke (dropping XNNPACK if it fails to prepare), copy outputs."""
+        batch = xs[0].shape[0]
+        for attempt in (0, 1):
+            if not self._resize(batch):
+                return None
+            self.set_inputs(xs)
+            try:
+                self.invoke()
+            except RuntimeError as e:
+                # LiteRT applies the default XNNPACK delegate lazily, at the first invoke.
+                if attempt or not (self.use_xnnpack and self._fallback and "delegate" in str(e).lower()):
+                    raise
+                self._drop_xnnpack(e)
+                continue
+            return [o.copy() for o in self.get_outputs(dequantize)]
+        return None  # pragma: no cover
+
+    def warmup(self, x=None) -> None:
+        """One invoke on zeros (or ``x``): applies the delegate, so ``delegate_error`` is known."""
+        if x is None:
+            xs = [np.zeros([1] + [int(s) for s in d["shape"][1:]], dtype=np.float32) for d in self.input_details]
+        else:
+            xs = [np.asarray(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
+        out = self._run(xs, True)
+        if out is None:
+            for i in range(xs[0].shape[0]):
+                self._run([v[i:i + 1] for v in xs], True)
 
     def get_outputs(self, dequantize: bool = True) -> list[np.ndarray]:
         return [_dequantize_output(self.interpreter.get_tensor(d["index"]), d, dequantize)
@@ -167,22 +227,20 @@ class TFLiteRunner:
         chunks = []
         for start in range(0, n, step):
             part = [v[start:start + step] for v in xs]
-            m = part[0].shape[0]
-            if self._resize(m):
-                self.set_inputs(part)
-                self.invoke()
-                chunks.append(self.get_outputs(dequantize))
-            else:
-                for i in range(m):
-                    self.set_inputs([v[i:i + 1] for v in part])
-                    self.invoke()
-                    chunks.append([o.copy() for o in self.get_outputs(dequantize)])
+            out = self._run(part, dequantize)
+            if out is not None:
+                chunks.append(out)
+                continue
+            for i in range(part[0].shape[0]):  # batch cannot be resized: one sample at a time
+                out = self._run([v[i:i + 1] for v in part], dequantize)
+                chunks.append(out)
         outs = [np.concatenate([c[k] for c in chunks], axis=0) for k in range(len(chunks[0]))]
         return outs if len(outs) > 1 else outs[0]
 
 
 def tflite_predict(path: str | os.PathLike | bytes, x, num_threads: int | None = None,
-                   use_xnnpack: bool = True, batch_size: int | None = None, dequantize: bool = True):
+                   use_xnnpack: bool = True, batch_size: int | None = None, dequantize: bool = True,
+                   fallback: bool = True):
     """Outputs of a ``.tflite`` model for the batch ``x``.
 
     * ``x``: array with a leading batch dimension (or a list of arrays for
@@ -193,7 +251,10 @@ def tflite_predict(path: str | os.PathLike | bytes, x, num_threads: int | None =
       zero point (float data) and int8/uint8 outputs are dequantized to
       float32 (``dequantize=False`` returns the raw integers).
     * Interpreter: LiteRT if installed, else ``tf.lite.Interpreter``;
-      ``use_xnnpack=False`` runs the builtin kernels without XNNPACK.
+      ``use_xnnpack=False`` runs the builtin kernels without XNNPACK. If
+      XNNPACK refuses the model (sparse dynamic-range int8 weights do), it
+      falls back to the builtin kernels with a ``RuntimeWarning`` unless
+      ``fallback=False``.
     """
-    runner = TFLiteRunner(path, num_threads=num_threads, use_xnnpack=use_xnnpack)
+    runner = TFLiteRunner(path, num_threads=num_threads, use_xnnpack=use_xnnpack, fallback=fallback)
     return runner(x, dequantize=dequantize, batch_size=batch_size)

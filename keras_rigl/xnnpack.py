@@ -125,6 +125,17 @@ def _pads_for(layer, in_hw: Sequence[int]) -> List[Tuple[int, int]]:
     return [(0, 0), (0, 0)]
 
 
+def _is_head_conv(layer, ins) -> bool:
+    """A 1x1 stride-1 Conv2D on a 1x1-spatial input (classifier after GAP keepdims)."""
+    return (isinstance(layer, keras.layers.Conv2D)
+            and not isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+                                       keras.layers.Conv2DTranspose))
+            and len(ins) == 1 and len(ins[0].shape) == 4
+            and tuple(ins[0].shape[1:3]) == (1, 1) and tuple(layer.kernel_size) == (1, 1)
+            and tuple(layer.strides) == (1, 1) and getattr(layer, "groups", 1) == 1
+            and tuple(layer.dilation_rate) == (1, 1))
+
+
 def _needs_flip(model) -> bool:
     """True if some stride-2+ SAME conv/pool sees asymmetric SAME padding."""
     for layer in model.layers:
@@ -223,7 +234,13 @@ def rewrite_for_xnnpack_sparse(
       flipped maps (see module doc) so that padding becomes XNNPACK's
       symmetric padding-1/2;
     * weights are copied (spatial kernels flipped when flipping);
-    * ``apply_sparse_path_workaround``: see :func:`sparse_path_workaround`.
+    * ``apply_sparse_path_workaround`` (default True): work around the
+      XNNPACK sparse-path bug found in benchmarks/xnnpack_repro: a 1x1
+      ``Conv2D`` applied to the 1x1 output of global average pooling (the
+      MobileNet classifier) is replaced by ``Reshape -> Dense -> Reshape``
+      (identical math).  Without it XNNPACK's sparse path returns all-zero
+      logits (ai-edge-litert <= 2.1.0) or fails in ``allocate_tensors``
+      (>= 2.1.6).
     * ``verify``: run both models on a random batch and raise if the outputs
       differ by more than ``atol``.
 
@@ -247,6 +264,7 @@ def rewrite_for_xnnpack_sparse(
             tmap[id(old)] = new
             fmap[id(old)] = False
     changed: List[str] = []
+    workaround: List[str] = []
     zpad_src: Dict[int, Any] = {}
     n_consumers: Dict[int, int] = {}
     for op in model.operations:
@@ -281,6 +299,22 @@ def rewrite_for_xnnpack_sparse(
                 tmap[id(node.output_tensors[0])] = y
                 fmap[id(node.output_tensors[0])] = fmap[id(ins[0])]
                 zpad_src[id(node.output_tensors[0])] = (ins[0], op.padding)
+                continue
+            if (apply_sparse_path_workaround and _is_head_conv(op, ins)):
+                # XNNPACK sparse-path bug (benchmarks/xnnpack_repro): a 1x1
+                # CONV_2D fed by the global-average-pool must not be a conv.
+                x = unflip(ins[0]) if fmap[id(ins[0])] else tmap[id(ins[0])]
+                cin = int(ins[0].shape[-1])
+                x = keras.layers.Reshape((cin,), name=op.name + "_xnn_flat")(x)
+                dense = keras.layers.Dense(op.filters, activation=op.activation,
+                                           use_bias=op.use_bias, name=op.name)
+                y = dense(x)
+                ws = op.get_weights()
+                dense.set_weights([ws[0].reshape(cin, op.filters)] + ws[1:])
+                y = keras.layers.Reshape((1, 1, op.filters), name=op.name + "_xnn_unflat")(y)
+                tmap[id(node.output_tensors[0])] = y
+                fmap[id(node.output_tensors[0])] = False
+                workaround.append(op.name)
                 continue
             if (_is_plain_conv(op) or isinstance(op, _POOL)) and len(ins) == 1:
                 ks = op.kernel_size if hasattr(op, "kernel_size") else op.pool_size
@@ -341,9 +375,7 @@ def rewrite_for_xnnpack_sparse(
     new_model = keras.Model(new_inputs, outs if len(outs) > 1 else outs[0],
                             name=model.name + "_xnnpack_sparse")
     info = {"flipped": do_flip, "changed_layers": changed, "max_abs_diff": None,
-            "workaround": None}
-    if apply_sparse_path_workaround:
-        info["workaround"] = sparse_path_workaround(new_model)
+            "workaround_layers": workaround}
     if verify:
         rng = np.random.default_rng(seed)
         xs = [rng.standard_normal((2,) + tuple(t.shape[1:])).astype("float32") for t in model.inputs]
@@ -360,9 +392,6 @@ def rewrite_for_xnnpack_sparse(
     return (new_model, info) if return_info else new_model
 
 
-def sparse_path_workaround(model: keras.Model) -> Dict[str, Any]:
-    """Placeholder, replaced below once the cause is known."""
-    return {}
 
 
 # --------------------------------------------------------------------------
@@ -377,7 +406,8 @@ def xnnpack_sparse_report(tflite_path: str):
     input_shape, output_shape, kernel, stride, padding, weight_sparsity,
     nchw_role, sparse_path, reason``.  ``sparse_path`` is the final answer
     for each op; ``DataFrame.attrs`` holds the cluster-level verdict
-    (``sparse_path``, ``reason``, ``zero_fraction_1x1``).
+    (``sparse_path``, ``reason``, ``zero_fraction_1x1``, ``hazards``: op
+    indices hit by the XNNPACK sparse-path bug).
     Static only: it cannot see CPU features (x86+AVX disables the path).
     """
     import pandas as pd
@@ -592,26 +622,41 @@ def xnnpack_sparse_report(tflite_path: str):
                         "input comes from outside the NCHW cluster "
                         f"({'graph input' if j is None else g.operators[j] and opname(g.operators[j])})")
                     break
+        # XNNPACK also rejects a cluster whose *input* values have consumers
+        # outside the cluster (e.g. a skip connection read by a non-NCHW op).
         for i, op in enumerate(g.operators):
-            if not in_cluster.get(i) or role[i] == "exit":
+            if not in_cluster.get(i) or role[i] == "entry":
                 continue
-            for t in op.outputs:
-                cons = consumers.get(t, [])
-                for c in cons:
-                    cc = c
-                    if role.get(c) == "fused":
-                        cc = consumers.get(g.operators[c].outputs[0], [None])[0]
-                    if cc is None or not in_cluster.get(cc):
+            for t in op.inputs:
+                if t < 0 or is_static(t):
+                    continue
+                for c in consumers.get(t, []):
+                    if not in_cluster.get(c) and role.get(c) != "fused":
                         in_cluster[i] = False
                         changed = True
                         rows[i]["reason"] = rows[i]["reason"] or (
-                            "output is consumed outside the NCHW cluster"
-                            f" ({opname(g.operators[cc]) if cc is not None else '?'})")
+                            f"its input is also read outside the NCHW cluster ({opname(g.operators[c])})")
                         break
-                if t in graph_outputs and in_cluster.get(i):
-                    in_cluster[i] = False
-                    changed = True
-                    rows[i]["reason"] = rows[i]["reason"] or "output is a graph output (must leave through global pooling)"
+    # Hazard (XNNPACK bug, benchmarks/xnnpack_repro): a cluster node that is
+    # not an NCHW->NHWC exit but whose output leaves the cluster keeps an NHWC
+    # output while its input is NCHW; for CONV_2D this gives all-zero outputs
+    # or a failed allocate_tensors.
+    hazards = []
+    for i, op in enumerate(g.operators):
+        rows[i]["hazard"] = ""
+        if not in_cluster.get(i) or role[i] in ("exit", "entry"):
+            continue
+        def c_in(c):
+            if role.get(c) == "fused":
+                return all(in_cluster.get(cc) for cc in consumers.get(g.operators[c].outputs[0], []))
+            return bool(in_cluster.get(c))
+        leaves = any(t in graph_outputs or any(not c_in(c) for c in consumers.get(t, []))
+                     for t in op.outputs)
+        if leaves and opname(op) != "FULLY_CONNECTED":
+            rows[i]["hazard"] = ("output leaves the NCHW cluster without an NCHW->NHWC op: "
+                                 "XNNPACK sparse-path bug (zero outputs or failed allocate_tensors); "
+                                 "rewrite_for_xnnpack_sparse(apply_sparse_path_workaround=True) avoids it")
+            hazards.append(i)
     has_entry = any(in_cluster.get(i) and role[i] == "entry" for i in role)
     has_exit = any(in_cluster.get(i) and role[i] == "exit" for i in role)
     zf = zeros / params if params else 0.0
@@ -634,7 +679,7 @@ def xnnpack_sparse_report(tflite_path: str):
         if in_cluster.get(i) and not ok:
             rw["reason"] = "cluster rejected: " + verdict
     df = pd.DataFrame(rows)
-    df.attrs.update(sparse_path=ok, reason=verdict or "XNNPACK will switch to sparse inference "
+    df.attrs.update(hazards=hazards if ok else [], sparse_path=ok, reason=verdict or "XNNPACK will switch to sparse inference "
                     "(on ARM/aarch64 or x86 without AVX)", zero_fraction_1x1=zf)
     return df
 
