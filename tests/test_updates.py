@@ -94,7 +94,7 @@ def test_count_is_conserved_and_kept_are_the_largest(rows, cols, density, fracti
     assert _np(r.grown).sum() <= k
     removed = _np(r.removed)
     np.testing.assert_array_equal(removed, active & ~new.astype(bool))
-    if removed.any():
+    if removed.any() and active.sum() > k:
         # what was dropped (and not regrown) is never larger than what was kept by magnitude
-        threshold = np.sort(np.abs(w[active]))[::-1][int(active.sum()) - k - 1] if active.sum() > k else 0.0
+        threshold = np.sort(np.abs(w[active]))[::-1][int(active.sum()) - k - 1]
         assert np.abs(w[removed]).max() <= threshold
