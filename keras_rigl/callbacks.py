@@ -93,6 +93,8 @@ class SET(keras.callbacks.Callback):
         self._rows = []
         self._ever_active = {}
         self._writer = None
+        self._sparsity = None
+        self._itop = 0.0
 
     # ------------------------------------------------------------ variations
     def grow_scores(self, layer, masked_weight, seed):
@@ -188,9 +190,9 @@ class SET(keras.callbacks.Callback):
                 )
                 updates.apply_update(mw.weight, mw.mask, result, self._grow_values(layer, mw, result, seed))
                 if self.reset_optimizer_state and optimizer is not None:
-                    optimizer_state.reset_slots(optimizer, mw.weight, ops.logical_or(result.grown, result.removed))
+                    optimizer_state.reset_slots(optimizer, mw.weight, result.grown | result.removed)
                 key = id(mw.mask)
-                new_mask = keras.ops.convert_to_numpy(result.new_mask) != 0
+                new_mask = result.new_mask != 0
                 self._ever_active[key] = self._ever_active.get(key, new_mask) | new_mask
                 rows.append(
                     {

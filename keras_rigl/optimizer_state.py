@@ -16,6 +16,7 @@ Reset means "as a freshly created slot": 0, except accumulators created with
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -61,6 +62,9 @@ def slot_variables(optimizer, variable):
 
 def reset_slots(optimizer, variable, positions):
     """Reset the optimizer state of ``variable`` where ``positions`` is True."""
+    positions = np.asarray(positions, dtype=bool)
+    if not positions.any():
+        return
     for slot, value in slot_variables(optimizer, variable):
-        current = ops.convert_to_tensor(slot)
-        slot.assign(ops.where(positions, ops.cast(value, current.dtype), current))
+        current = np.asarray(ops.convert_to_numpy(slot))
+        slot.assign(np.where(positions, np.asarray(value, current.dtype), current))
