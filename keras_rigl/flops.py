@@ -56,6 +56,8 @@ def weight_positions(wrapper_layer, owner):
     """
     if isinstance(owner, keras.layers.Embedding):
         return 0
+    if isinstance(owner, keras.layers.EinsumDense):
+        return _einsum_positions(owner, wrapper_layer)
     in_shape, out_shape = _layer_shapes(wrapper_layer)
     rnn_cell = isinstance(owner, (keras.layers.LSTMCell, keras.layers.GRUCell, keras.layers.SimpleRNNCell))
     if rnn_cell:
@@ -69,10 +71,6 @@ def weight_positions(wrapper_layer, owner):
     if shape is None:
         return None
     data_format = getattr(owner, "data_format", "channels_last")
-    if isinstance(owner, keras.layers.EinsumDense):
-        # output elements divided by the kernel's output size along the last axis
-        kernel_out = owner.kernel.shape[-1]
-        return int(math.prod(shape[1:]) // max(1, kernel_out))
     if data_format == "channels_first" and len(shape) > 2:
         spatial = shape[2:]
     else:
@@ -82,6 +80,35 @@ def weight_positions(wrapper_layer, owner):
         getattr(wrapper_layer, "layer", None), keras.layers.TimeDistributed
     ):
         positions = positions  # spatial already includes the time axis
+    return positions
+
+
+def _einsum_positions(owner, wrapper_layer):
+    """How often an EinsumDense kernel is applied per example.
+
+    The product of the output's non-batch dims that do not come from the
+    kernel: "ab,bc->ac" gives 1 per example, "abc,cde->abde" gives b. The
+    input shape is the one the layer was built with (so EinsumDense inside
+    MultiHeadAttention works); an unknown dim (MultiHeadAttention builds its
+    output projection for any length) is taken from the wrapper's output.
+    """
+    build_shapes = getattr(owner, "_build_shapes_dict", None) or {}
+    if not build_shapes:
+        return None
+    input_shape = list(next(iter(build_shapes.values())))
+    inputs, out = owner.equation.split("->")
+    in_letters, kernel_letters = inputs.split(",")
+    positions = 1
+    for letter in out[1:]:
+        if letter in kernel_letters:
+            continue
+        dim = input_shape[in_letters.index(letter)] if letter in in_letters else None
+        if dim is None:
+            _, wrapper_out = _layer_shapes(wrapper_layer)
+            if wrapper_out is None or len(wrapper_out) < 3:
+                return None
+            return int(math.prod(wrapper_out[1:-1]))
+        positions *= int(dim)
     return positions
 
 

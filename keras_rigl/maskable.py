@@ -130,6 +130,10 @@ def _children(layer):
         return [layer.cell]
     if isinstance(layer, keras.layers.TimeDistributed):
         return [layer.layer]
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        # query/key/value/output projections are EinsumDense sub-layers
+        names = ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
+        return [getattr(layer, n) for n in names if getattr(layer, n, None) is not None]
     return []
 
 
@@ -166,6 +170,8 @@ def is_maskable(layer, depthwise=False):
 
     For unbuilt layers only the class is looked at.
     """
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        return True  # its projections exist only once it is built
     if _names_for(layer, depthwise):
         return True
     return any(is_maskable(child, depthwise) for child in _children(layer))
@@ -180,5 +186,4 @@ def has_unmaskable_kernel(layer):
         layer, (keras.Model, keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
     ):
         return False
-    own = [w for w in layer._trainable_variables] if hasattr(layer, "_trainable_variables") else []
-    return any(len(w.shape) >= 2 for w in own)
+    return any(len(w.shape) >= 2 for w in layer.trainable_weights)

@@ -81,9 +81,39 @@ class Masked(keras.layers.Wrapper):
         object.__setattr__(self, "_masked_weights", [])
 
     # ------------------------------------------------------------------ build
+    def _inner_builds_from_one_shape(self):
+        """False for layers whose build() needs several shapes (MultiHeadAttention)."""
+        import inspect
+
+        params = [
+            p
+            for p in inspect.signature(self.layer.build).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+        return len(params) <= 1
+
     def build(self, input_shape=None):
         if not self.layer.built:
+            if not self._inner_builds_from_one_shape():
+                # Built by its first call instead (see call()); masks follow.
+                self.built = True
+                return
             self.layer.build(input_shape)
+        self._create_masks()
+        self.built = True
+
+    def _create_masks(self):
+        # After a deferred build Keras has locked this layer's state; the masks
+        # are still part of building it.
+        was_locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            self._create_masks_unlocked()
+        finally:
+            if was_locked:
+                self._lock_state()
+
+    def _create_masks_unlocked(self):
         refs = maskable.maskable_weights(self.layer, depthwise=self.mask_depthwise)
         capture_on = self.capture_gradients and gradient_capture.available()
         if capture_on:
@@ -91,12 +121,14 @@ class Masked(keras.layers.Wrapper):
 
             # Switches shared by every masked weight of this layer; plain
             # tf.Variables so that Keras neither saves nor reports them.
-            object.__setattr__(
-                self, "_capture_mode", tf.Variable(0, trainable=False, dtype=tf.int32, name="capture_mode")
-            )
-            object.__setattr__(
-                self, "_capture_decay", tf.Variable(0.9, trainable=False, dtype=tf.float32, name="capture_decay")
-            )
+            # init_scope: the layer may be built inside a symbolic call.
+            with tf.init_scope():
+                object.__setattr__(
+                    self, "_capture_mode", tf.Variable(0, trainable=False, dtype=tf.int32, name="capture_mode")
+                )
+                object.__setattr__(
+                    self, "_capture_decay", tf.Variable(0.9, trainable=False, dtype=tf.float32, name="capture_decay")
+                )
         masked = []
         for ref in refs:
             mask = self.add_weight(
@@ -108,17 +140,31 @@ class Masked(keras.layers.Wrapper):
             )
             capture = None
             if capture_on:
-                capture = gradient_capture.GradientCapture(
-                    ref.variable.shape,
-                    ref.variable.dtype,
-                    ref.name.replace("/", "_"),
-                    self._capture_mode,
-                    self._capture_decay,
-                )
+                with tf.init_scope():
+                    capture = gradient_capture.GradientCapture(
+                        ref.variable.shape,
+                        ref.variable.dtype,
+                        ref.name.replace("/", "_"),
+                        self._capture_mode,
+                        self._capture_decay,
+                    )
             masked.append(MaskedWeight(ref.name, ref.variable, mask, ref, capture))
         # Keep our own bookkeeping out of Keras' attribute tracking.
         object.__setattr__(self, "_masked_weights", masked)
-        self.built = True
+
+    def get_build_config(self):
+        config = super().get_build_config() or {}
+        if self.layer.built and not self._inner_builds_from_one_shape():
+            config["inner_build_config"] = self.layer.get_build_config()
+        return config
+
+    def build_from_config(self, config):
+        inner = config.get("inner_build_config")
+        if inner and not self.layer.built:
+            self.layer.build_from_config(inner)
+        self.build(config.get("input_shape"))
+        if self.layer.built and not self._masked_weights:
+            self._create_masks()
 
     @property
     def masked_weights(self):
@@ -151,13 +197,17 @@ class Masked(keras.layers.Wrapper):
             for owner, attr, variable in reversed(swapped):
                 object.__setattr__(owner, attr, variable)
 
-    def call(self, inputs, training=None, mask=None, **kwargs):
+    def call(self, inputs, *args, training=None, mask=None, **kwargs):
         if self.layer._call_has_training_arg:
             kwargs["training"] = training
         if mask is not None and self.layer._call_has_mask_arg:
             kwargs["mask"] = mask
+        if not self._masked_weights:
+            # Deferred build: the first call builds the wrapped layer, then the masks.
+            self.layer(inputs, *args, **kwargs)
+            self._create_masks()
         with self._effective_weights():
-            return self.layer(inputs, **kwargs)
+            return self.layer(inputs, *args, **kwargs)
 
     def compute_mask(self, inputs, mask=None):
         return self.layer.compute_mask(inputs, mask)

@@ -213,3 +213,43 @@ def test_depthwise_is_dense_unless_asked():
         "pointwise_kernel",
         "depthwise_kernel",
     ]
+
+
+def test_multi_head_attention_projections_are_masked(rng):
+    inp = keras.Input((6, 8))
+    out = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(inp, inp)
+    model = keras.Model(inp, out)
+    sparse = keras_rigl.sparsify(model, 0.5, distribution="uniform", seed=0)
+    layer = keras_rigl.masked_layers(sparse)[0]
+    assert [mw.name for mw in layer.masked_weights] == [
+        "query/kernel",
+        "key/kernel",
+        "value/kernel",
+        "attention_output/kernel",
+    ]
+    x = rng.normal(size=(2, 6, 8)).astype("float32")
+    np.testing.assert_allclose(keras_rigl.strip(sparse)(x), sparse(x), atol=1e-5)
+    report = keras_rigl.sparsity_report(sparse).set_index("weight")
+    # query kernel (8, 2, 4) "abc,cde->abde": applied at each of the 6 positions
+    assert report.loc["query/kernel", "dense_flops"] == 2 * 64 * 6
+    # output kernel (2, 4, 8) "abcd,cde->abe": applied at each of the 6 positions
+    assert report.loc["attention_output/kernel", "dense_flops"] == 2 * 64 * 6
+
+
+def test_multi_head_attention_trains_with_rigl_and_round_trips(tmp_path, rng):
+    inp = keras.Input((6, 8))
+    x = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inp, inp)
+    out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x))
+    sparse = keras_rigl.sparsify(keras.Model(inp, out), 0.6, seed=0)
+    sparse.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rigl = keras_rigl.RigL(update_freq=2, seed=0)
+    xs, ys = rng.normal(size=(32, 6, 8)).astype("float32"), rng.integers(0, 3, 32)
+    sparse.fit(xs, ys, batch_size=8, epochs=2, callbacks=[rigl], verbose=0)
+    assert (rigl.updates["layer"] == "multi_head_attention").any()
+    assert rigl.updates["n_moved"].sum() > 0
+    sparse.save(tmp_path / "mha.keras")
+    again = keras.models.load_model(tmp_path / "mha.keras")
+    np.testing.assert_array_equal(again(xs[:2]), sparse(xs[:2]))
+    for a, b in zip(keras_rigl.masked_layers(sparse), keras_rigl.masked_layers(again)):
+        for name, mask in a.get_masks().items():
+            np.testing.assert_array_equal(mask, b.get_masks()[name])
