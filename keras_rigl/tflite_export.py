@@ -93,9 +93,15 @@ def _check_output_path(path) -> str:
 # ---------------------------------------------------------------------------
 # representative data
 # ---------------------------------------------------------------------------
-def _input_specs(model) -> list[tuple[tuple, str]]:
+def _input_specs(model) -> list[tuple[tuple, str]] | None:
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):  # subclassed model: shapes unknown here
+        return None
+    if not inputs:
+        return None
     specs = []
-    for t in model.inputs:
+    for t in inputs:
         specs.append((tuple(t.shape), str(getattr(t.dtype, "name", t.dtype))))
     return specs
 
@@ -135,7 +141,14 @@ def representative_dataset(data, model, max_samples: int = _MAX_REPRESENTATIVE):
     """
     specs = _input_specs(model)
     samples: list[list[np.ndarray]] = []
-    for xs in _as_samples(data, len(specs)):
+    for xs in _as_samples(data, len(specs) if specs else 1):
+        if specs is None:
+            fixed = [np.asarray(x, dtype=np.float32) for x in xs]
+            for i in range(fixed[0].shape[0]):
+                samples.append([f[i:i + 1] for f in fixed])
+            if len(samples) >= max_samples:
+                break
+            continue
         if len(xs) != len(specs):
             raise ValueError(f"representative_data gives {len(xs)} input(s) per sample, the model has {len(specs)}")
         fixed = []
@@ -153,6 +166,7 @@ def representative_dataset(data, model, max_samples: int = _MAX_REPRESENTATIVE):
                 break
         if len(samples) >= max_samples:
             break
+    samples = samples[:max_samples]
     if not samples:
         raise ValueError("representative_data is empty; give at least a few (ideally ~100) real input samples")
 
@@ -213,14 +227,26 @@ def _convert(model, quantize, representative, sparse: bool) -> bytes:
             return conv.convert()
 
 
+def _file_mode(path: str) -> int:
+    """Mode for the new file: the replaced file's, else 0o666 minus the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _write_atomic(data: bytes, path: str) -> None:
     directory = os.path.dirname(path)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -228,7 +254,8 @@ def _write_atomic(data: bytes, path: str) -> None:
         raise
 
 
-def export_tflite(model, path, quantize=None, representative_data=None, sparse: bool = True, target=None):
+def export_tflite(model, path, quantize=None, representative_data=None, sparse: bool = True, target=None,
+                  check_runtime: bool = True):
     """Export ``model`` to a ``.tflite`` file and report what the file stores.
 
     Args:
@@ -247,7 +274,15 @@ def export_tflite(model, path, quantize=None, representative_data=None, sparse: 
             (``EXPERIMENTAL_SPARSITY``). ``False`` gives the dense baseline.
         target: ``None`` or ``"xnnpack_sparse"`` (rewrite the model so
             XNNPACK's sparse inference path can take it, and attach its
-            per-op verdict as ``report.attrs["xnnpack"]``).
+            per-op verdict, a DataFrame, as ``report.attrs["xnnpack"]``;
+            pop it before ``pd.concat`` of several reports, as pandas
+            compares attrs when concatenating).
+        check_runtime: load the written file in the interpreter with the
+            default XNNPACK delegate and run it once on zeros; the outcome
+            (``"ok"`` or ``"refused: ..."``) is ``report.attrs["xnnpack_delegate"]``.
+            Sparse int8 weights (``"dynamic"``/``"int8"``) are refused by
+            XNNPACK in TF 2.21 / LiteRT 2.3, so such files run on the slower
+            builtin kernels -- the report says so instead of hiding it.
 
     Returns:
         A DataFrame (``keras_rigl.tflite_report.TFLiteReport``) with one row
@@ -283,6 +318,10 @@ def export_tflite(model, path, quantize=None, representative_data=None, sparse: 
 
     report = tflite_weight_report(path)
     report.attrs.update({"path": path, "quantize": quantize, "sparse": bool(sparse), "target": target})
+    if check_runtime:
+        from keras_rigl.tflite_runtime import xnnpack_delegate_status
+
+        report.attrs["xnnpack_delegate"] = xnnpack_delegate_status(path)
     if target == "xnnpack_sparse":
         from keras_rigl.xnnpack import xnnpack_sparse_report
 

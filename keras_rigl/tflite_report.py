@@ -378,6 +378,8 @@ def tflite_weight_report(path_or_bytes: str | os.PathLike | bytes) -> TFLiteRepo
                 elif sparsity < CONVERTER_MIN_SPARSITY:
                     note = (f"kept dense: {sparsity:.0%} zeros < converter threshold "
                             f"{CONVERTER_MIN_SPARSITY:.0%} (kMinSparsityLevel)")
+                    if op == "DEPTHWISE_CONV_2D" and sparsity == 0:
+                        note += "; depthwise kernels are not masked unless sparsify(..., mask_depthwise=True)"
                 else:
                     note = (f"kept dense although {sparsity:.0%} zeros >= {CONVERTER_MIN_SPARSITY:.0%}: "
                             "exported without EXPERIMENTAL_SPARSITY")
@@ -427,6 +429,13 @@ def tflite_weight_report(path_or_bytes: str | os.PathLike | bytes) -> TFLiteRepo
         "densify_ops": int(sum(1 for sg in model.subgraphs for op in sg.operators if op_name(op) == "DENSIFY")),
     }
     totals["other_bytes"] = totals["file_bytes"] - totals["const_bytes"]
+    # per-channel quantization parameters (float32 scale + int64 zero point per
+    # channel, on every quantized tensor incl. DENSIFY outputs) are a fixed
+    # cost that does not shrink with sparsity
+    totals["quant_param_bytes"] = int(sum(
+        12 * len(t.quantization.scale)
+        for sg in model.subgraphs for t in sg.tensors
+        if t.quantization is not None and t.quantization.scale is not None))
     totals["weight_density"] = (totals["weight_nnz"] / totals["weight_size"]) if totals["weight_size"] else 0.0
     df.attrs["totals"] = totals
     df.attrs["converter_min_sparsity"] = CONVERTER_MIN_SPARSITY
@@ -456,11 +465,14 @@ def format_report(df: pd.DataFrame, max_name: int = 40, max_rows: int | None = N
     lines = [table, "",
              f"file: {t['file_bytes']:,} bytes | constants: {t['const_bytes']:,} bytes stored "
              f"({t['index_bytes']:,} of them sparsity indices) vs {t['const_dense_bytes']:,} dense | "
-             f"graph/metadata: {t['other_bytes']:,} bytes",
+             f"graph/metadata: {t['other_bytes']:,} bytes"
+             + (f" (quantization params ~{t['quant_param_bytes']:,})" if t.get("quant_param_bytes") else ""),
              f"weights: {t['weight_nnz']:,}/{t['weight_size']:,} non-zero ({t['weight_density']:.3f}); "
              f"{t['weight_bytes']:,} bytes stored vs {t['weight_dense_bytes']:,} dense | "
              f"sparse tensors: {t['sparse_tensors']}, dense: {t['dense_tensors']}, DENSIFY ops: {t['densify_ops']}"]
     extra = {k: v for k, v in df.attrs.items() if k in ("quantize", "sparse", "target", "path")}
+    if "xnnpack_delegate" in df.attrs:
+        lines.append(f"XNNPACK delegate on this file: {df.attrs['xnnpack_delegate'][:200]}")
     if extra:
         lines.append("export: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = [
+    "xnnpack_delegate_status",
     "interpreter_backend",
     "make_interpreter",
     "tflite_predict",
@@ -258,3 +259,20 @@ def tflite_predict(path: str | os.PathLike | bytes, x, num_threads: int | None =
     """
     runner = TFLiteRunner(path, num_threads=num_threads, use_xnnpack=use_xnnpack, fallback=fallback)
     return runner(x, dequantize=dequantize, batch_size=batch_size)
+
+
+def xnnpack_delegate_status(model: str | os.PathLike | bytes) -> str:
+    """``"ok"`` if the default XNNPACK delegate prepares and runs the model, else ``"refused: <why>"``.
+
+    One invoke on zeros (LiteRT applies the delegate lazily, at the first
+    invoke). Seen with TF 2.21 / LiteRT 2.3: sparse int8 weights (dynamic
+    range or full integer) make the delegate fail, so such files run on the
+    builtin kernels; float32 / float16 sparse files are accepted.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runner = TFLiteRunner(model, num_threads=1, use_xnnpack=True, fallback=True)
+        runner.warmup()
+    if runner.delegate_error is None:
+        return "ok"
+    return "refused: " + " ".join(runner.delegate_error.split())

@@ -265,6 +265,7 @@ def rewrite_for_xnnpack_sparse(
             fmap[id(old)] = False
     changed: List[str] = []
     workaround: List[str] = []
+    gap_out = set()  # tensors produced by a keepdims global pooling (maybe via Dropout)
     zpad_src: Dict[int, Any] = {}
     n_consumers: Dict[int, int] = {}
     for op in model.operations:
@@ -300,7 +301,13 @@ def rewrite_for_xnnpack_sparse(
                 fmap[id(node.output_tensors[0])] = fmap[id(ins[0])]
                 zpad_src[id(node.output_tensors[0])] = (ins[0], op.padding)
                 continue
-            if (apply_sparse_path_workaround and _is_head_conv(op, ins)):
+            if isinstance(op, _INVARIANT) and getattr(op, "keepdims", False):
+                gap_out.add(id(node.output_tensors[0]))
+            elif isinstance(op, (keras.layers.Dropout, keras.layers.SpatialDropout2D,
+                                 keras.layers.GaussianNoise)) and id(ins[0]) in gap_out:
+                gap_out.add(id(node.output_tensors[0]))
+            if (apply_sparse_path_workaround and _is_head_conv(op, ins)
+                    and id(ins[0]) in gap_out):
                 # XNNPACK sparse-path bug (benchmarks/xnnpack_repro): a 1x1
                 # CONV_2D fed by the global-average-pool must not be a conv.
                 x = unflip(ins[0]) if fmap[id(ins[0])] else tmap[id(ins[0])]
@@ -443,6 +450,8 @@ def xnnpack_sparse_report(tflite_path: str):
             src = g.operators[producers[t]].inputs[0]
             return _densify(g.tensors[src], m.buffers[g.tensors[src].buffer])
         tb = m.buffers[g.tensors[t].buffer]
+        if g.tensors[t].sparsity is not None and g.tensors[t].type == 0:
+            return _densify(g.tensors[t], tb)
         dt = {0: np.float32, 1: np.float16, 2: np.int32, 4: np.int64}.get(g.tensors[t].type)
         if dt is not None and tb.data is not None and len(tb.data):
             return np.frombuffer(bytes(bytearray(tb.data)), dtype=dt).reshape(shape(t))
