@@ -6,6 +6,9 @@ from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
 from keras_rigl.report import sparsity_report
 from keras_rigl.sparsify import initialize_masks, masked_layers, sparsify, strip
+from keras_rigl.tflite_export import export_saved_model, export_tflite
+from keras_rigl.tflite_report import tflite_weight_report
+from keras_rigl.tflite_runtime import tflite_predict
 
 __version__ = "0.1.0"
 
@@ -23,5 +26,9 @@ __all__ = [
     "masked_layers",
     "sparsity_report",
     "erk_densities",
+    "export_tflite",
+    "export_saved_model",
+    "tflite_predict",
+    "tflite_weight_report",
     "layer_densities",
 ]

@@ -15,6 +15,16 @@ when the zeros really come in such blocks), it is stored as random-sparsity
 CSR and a DENSIFY op expands it once when the interpreter prepares the
 model.  So the *file* shrinks, but compute stays dense unless a delegate
 (XNNPACK's sparse path, see ``keras_rigl.xnnpack``) uses the sparsity.
+Two exceptions, both visible in the returned report:
+
+* a FULLY_CONNECTED weight whose zeros leave almost every 1x4 block empty
+  (e.g. an ERK-sparsified classifier at ~3 % density) is stored in 1x4
+  blocks and run by TFLite's builtin sparse FC kernel, which does skip the
+  empty blocks (``densify`` False in the report);
+* with TF 2.21 / LiteRT 2.3, sparse *int8* weights (``"dynamic"`` and
+  ``"int8"``) make the XNNPACK delegate fail to prepare, so those files run
+  on the builtin kernels (slower than the dense int8 file under XNNPACK);
+  ``report.attrs["xnnpack_delegate"]`` records this for every export.
 """
 
 from __future__ import annotations

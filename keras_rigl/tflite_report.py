@@ -361,9 +361,12 @@ def tflite_weight_report(path_or_bytes: str | os.PathLike | bytes) -> TFLiteRepo
                 block = "x".join(str(b) for b in info["block_shape"]) if info["block_size"] else ""
                 kind = f"block {block}" if block else "CSR (random)"
                 if "DENSIFY" in via:
-                    note = f"{kind}; expanded once to dense by a DENSIFY op at load time (smaller file, dense compute)"
+                    note = f"{kind}; expanded once to dense by a DENSIFY op at load time (compute stays dense)"
                 else:
                     note = f"{kind}; read directly by the sparse {op} kernel"
+                if nbytes > dense_bytes:
+                    note += (f"; {nbytes - dense_bytes:,} bytes LARGER than dense: at {nnz / size:.0%} density the "
+                             "index arrays cost more than the zeros save (the converter only checks >= 30% zeros)")
             else:
                 fmt = "dense"
                 dim_format = ""
