@@ -40,7 +40,8 @@ padding-1 XNNPACK wants, with an unused extra row/column), and flips back
 where a non-equivariant layer (Flatten, Reshape, ...) or a spatial model
 output needs it.  Global pooling is flip-invariant, so classification nets
 need no flip back.  The result is mathematically identical (same products,
-only zeros added), and is verified against the original in Keras.
+only zeros added; float summation order over kernel taps may differ, ~1e-8),
+and is verified against the original in Keras.
 
 :func:`xnnpack_sparse_report` reads a ``.tflite`` file and applies the same
 rules to say, op by op, whether XNNPACK will run it on its sparse path and
@@ -49,8 +50,7 @@ why not.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import keras
@@ -184,10 +184,9 @@ def _explicit_pad_layers(layer, in_hw, flipped: bool, name: str, pre_pad=None):
             b, a = a, b
         # XNNPACK wants symmetric padding; padding rows that no window reaches
         # are free, so grow the smaller side when it keeps the output size.
+        # (never grow the leading side: that would shift the windows)
         if b >= 0 and a >= 0 and a < b and _valid_out(in_hw[i], ks[i], st[i], b, b, dil[i]) == out:
             a = b
-        elif b >= 0 and a >= 0 and b < a and _valid_out(in_hw[i], ks[i], st[i], a, a, dil[i]) == out and False:
-            pass  # growing the *leading* side would shift the windows: never
         pads.append((b, a))
     pre = []
     crop = [(max(-b, 0), max(-a, 0)) for b, a in pads]
@@ -478,7 +477,6 @@ def xnnpack_sparse_report(tflite_path: str):
             why = "not fp32/fp16 (quantized ops never use the sparse path)"
         elif name == "PAD" or name == "PADV2":
             cons = consumers.get(op.outputs[0], [])
-            pads = const_data(op.inputs[1]) if len(op.inputs) > 1 else None
             if (len(cons) == 1 and opname(g.operators[cons[0]]) in ("CONV_2D", "DEPTHWISE_CONV_2D")
                     and g.operators[cons[0]].builtinOptions.padding == 1):
                 r, why = "fused", "zero PAD fused into the following convolution's padding"
@@ -565,7 +563,6 @@ def xnnpack_sparse_report(tflite_path: str):
                         why = f"{kh}x{kw} depthwise padding (t={pt},b={pb},l={pl},r={pr}) != {need} on every side"
         elif name in ("MEAN", "SUM"):
             if len(row["input_shape"]) == 4:
-                ax = const_data(op.inputs[1])
                 r = "exit"
             else:
                 why = "reduction of a non-4D tensor"
@@ -704,12 +701,6 @@ def _densify(tensor, buffer):
     dims = sp.dimMetadata
     nd = len(order)
     block_map = list(sp.blockMap) if sp.blockMap is not None else []
-    # dense size of each traversal dimension
-    sizes = []
-    for k in range(nd):
-        dm = dims[k]
-        sizes.append(dm.denseSize if dm.format == 0 else None)
-    out_coords = []
     vals = data
 
     def arr(x):
