@@ -7,7 +7,7 @@ from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
 from keras_rigl.report import sparsity_report
 from keras_rigl.sparsify import initialize_masks, masked_layers, sparsify, strip
-from keras_rigl.training_flops import model_flops, training_flops
+from keras_rigl.training_flops import model_flops
 from keras_rigl.tflite_export import export_saved_model, export_tflite
 from keras_rigl.tflite_report import tflite_weight_report
 from keras_rigl.tflite_runtime import tflite_predict
@@ -34,6 +34,5 @@ __all__ = [
     "tflite_weight_report",
     "load_dataset",
     "model_flops",
-    "training_flops",
     "layer_densities",
 ]
