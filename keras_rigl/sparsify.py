@@ -59,12 +59,21 @@ def _all_layers(model):
     return out
 
 
-def _check_built(model):
+def check_built(model):
+    """Raise a ValueError naming the fix unless ``model`` and all its layers are built.
+
+    Shared by everything that needs weights to exist (sparsify, strip, export).
+    """
     if not isinstance(model, keras.Model):
-        raise TypeError(f"Expected a keras.Model, got {type(model).__name__}.")
-    if not model.built or any(not layer.built for layer in _all_layers(model)):
+        raise TypeError(
+            f"Expected a keras.Model, got {type(model).__name__}; wrap layers in a keras.Model "
+            "(or load a saved model with keras.models.load_model first)."
+        )
+    unbuilt = [layer.name for layer in _all_layers(model) if not layer.built]
+    if not model.built or unbuilt:
+        what = f"Layers {unbuilt[:5]} of model {model.name!r} are" if unbuilt else f"Model {model.name!r} is"
         raise ValueError(
-            f"Model {model.name!r} is not built. Build it first: give the first layer an input "
+            f"{what} not built (no weights yet). Build it first: give the first layer an input "
             "shape (keras.Input(shape=...)), call model.build(input_shape), or call the model "
             "on a batch of data."
         )
@@ -135,7 +144,7 @@ def sparsify(
         )
     if mask_init not in MASK_INITS:
         raise ValueError(f"Unknown mask_init {mask_init!r}; use 'random' or 'magnitude'.")
-    _check_built(model)
+    check_built(model)
     if masked_layers(model):
         raise ValueError(
             f"Model {model.name!r} already has Masked layers; call keras_rigl.initialize_masks(model, ...) "
@@ -245,7 +254,7 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
     distributions.check_sparsity(sparsity)
     if mask_init not in MASK_INITS:
         raise ValueError(f"Unknown mask_init {mask_init!r}; use 'random' or 'magnitude'.")
-    _check_built(model)
+    check_built(model)
     layers = masked_layers(model)
     if not layers:
         raise ValueError(
@@ -274,7 +283,7 @@ def strip(model):
     """
     if isinstance(model, Masked):
         raise TypeError("strip() takes a model; for one layer use `masked_layer.layer`.")
-    _check_built(model)
+    check_built(model)
     if not masked_layers(model):
         return model
     if not _is_graph_model(model):

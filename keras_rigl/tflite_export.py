@@ -48,24 +48,10 @@ _MAX_REPRESENTATIVE = 200
 # ---------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------
-def _all_layers(model) -> list:
-    try:
-        return list(model._flatten_layers(include_self=False, recursive=True))
-    except Exception:  # pragma: no cover - very old/other Keras
-        return list(getattr(model, "layers", []))
-
-
 def _check_model(model) -> None:
-    import keras
+    from keras_rigl.sparsify import check_built
 
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"expected a keras.Model, got {type(model).__name__}; wrap layers in a "
-                        "keras.Model (or pass the path through keras.models.load_model first)")
-    unbuilt = [layer.name for layer in _all_layers(model) if not layer.built]
-    if not model.built or unbuilt:
-        what = f"layers {unbuilt[:5]}" if unbuilt else f"model {model.name!r}"
-        raise ValueError(f"cannot export: {what} not built (no weights yet). Build the model first, e.g. "
-                         "`model.build((None, H, W, C))`, give it a `keras.Input`, or call it on a batch.")
+    check_built(model)
 
 
 def _check_quantize(quantize) -> Any:
