@@ -24,37 +24,26 @@ MASK_INITS = ("random", "magnitude")
 
 def masked_layers(model):
     """All :class:`Masked` layers of ``model``, nested models included, in order."""
-    found = []
+    if isinstance(model, Masked):
+        return [model]
+    return [layer for layer in _all_layers(model) if isinstance(layer, Masked)]
+
+
+def _all_layers(model):
+    """Every layer of ``model`` (recursively into nested models), each once, in order."""
+    out = []
     seen = set()
 
     def visit(layer):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if isinstance(layer, Masked):
-            found.append(layer)
-            return
-        for child in getattr(layer, "layers", None) or []:
-            visit(child)
-
-    if isinstance(model, Masked):
-        return [model]
-    for layer in getattr(model, "layers", []):
-        visit(layer)
-    return found
-
-
-def _all_layers(model):
-    """Every layer of ``model`` (recursively into nested models), in order."""
-    out = []
-
-    def visit(layer):
         out.append(layer)
         if isinstance(layer, keras.Model):
             for child in layer.layers:
                 visit(child)
 
-    for layer in model.layers:
+    for layer in getattr(model, "layers", []):
         visit(layer)
     return out
 
