@@ -6,7 +6,7 @@ from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
 from keras_rigl.report import sparsity_report
-from keras_rigl.sparsify import initialize_masks, masked_layers, sparsify, strip
+from keras_rigl.sparsify import initialize_masks, masked_layers, rescale_active_weights, sparsify, strip
 from keras_rigl.training_flops import model_flops
 from keras_rigl.tflite_export import export_saved_model, export_tflite
 from keras_rigl.tflite_report import tflite_weight_report
@@ -25,6 +25,7 @@ __all__ = [
     "sparsify",
     "initialize_masks",
     "strip",
+    "rescale_active_weights",
     "masked_layers",
     "sparsity_report",
     "erk_densities",

@@ -264,6 +264,32 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
     return densities
 
 
+def rescale_active_weights(model):
+    """Rescale masked weights so every output unit keeps its dense fan-in variance.
+
+    Each output unit j (last axis of the weight) with ``a_j`` of its ``n``
+    inputs active gets its weights multiplied by ``sqrt(n / a_j)``. A layer
+    initialised for a dense fan-in and then masked to density d starts with
+    its signal shrunk by about sqrt(d); through several 90-95% sparse ReLU
+    layers that is enough for training to sit at chance for epochs (seen on
+    MNIST-5k, see docs/results.md). Embedding tables (no fan-in) are left
+    alone. Call it after :func:`sparsify` for training from scratch, not for
+    pretrained weights.
+    """
+    for layer in masked_layers(model):
+        for mw in layer.masked_weights:
+            if isinstance(mw.ref.owner, keras.layers.Embedding):
+                continue
+            mask = keras.ops.convert_to_numpy(mw.mask)
+            if mask.ndim < 2:
+                continue
+            w = keras.ops.convert_to_numpy(mw.weight)
+            columns = mask.reshape(-1, mask.shape[-1])
+            active = columns.sum(axis=0)
+            scale = np.sqrt(columns.shape[0] / np.maximum(active, 1.0)).astype(w.dtype)
+            mw.weight.assign((w.reshape(-1, mask.shape[-1]) * scale).reshape(w.shape))
+
+
 def strip(model):
     """A plain Keras model: ``Masked`` wrappers removed, masked weights exactly 0.
 

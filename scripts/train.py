@@ -267,31 +267,6 @@ def tflite_outputs(path, x):
     return np.concatenate(rows)
 
 
-def scale_sparse_init(model):
-    """Rescale masked weights so every output unit keeps its dense fan-in variance.
-
-    Each output unit j (last kernel axis) with ``a_j`` of its ``n`` inputs active gets its weights
-    multiplied by ``sqrt(n / a_j)``; Embedding tables (no fan-in) are left alone. Without it a 90-95 %
-    sparse ReLU net starts with its signal shrunk ~sqrt(density) per layer and may not train at all.
-    """
-    import keras
-
-    import keras_rigl
-
-    for layer in keras_rigl.masked_layers(model):
-        for mw in layer.masked_weights:
-            if isinstance(mw.ref.owner, keras.layers.Embedding):
-                continue
-            mask = keras.ops.convert_to_numpy(mw.mask)
-            if mask.ndim < 2:
-                continue
-            w = keras.ops.convert_to_numpy(mw.weight)
-            cols = mask.reshape(-1, mask.shape[-1])
-            active = cols.sum(axis=0)
-            scale = np.sqrt(cols.shape[0] / np.maximum(active, 1.0)).astype(w.dtype)
-            mw.weight.assign((w.reshape(-1, mask.shape[-1]) * scale).reshape(w.shape))
-
-
 def nonzero_params(model):
     """Trainable parameters that can be non-zero: masked weights count their active entries."""
     import keras
@@ -323,7 +298,7 @@ def _train_keras(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
             mask_init="magnitude" if cfg.weights else "random", seed=cfg.seed,
         )
         if cfg.init == "scaled" and not cfg.weights:
-            scale_sparse_init(model)
+            keras_rigl.rescale_active_weights(model)
     model.compile(
         optimizer=keras.optimizers.SGD(lr_schedule(cfg.lr_schedule, cfg.lr, total_steps), momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -226,3 +226,16 @@ def test_report_columns_and_flops(cnn):
     dense = report.set_index("layer").loc["dense"]
     assert dense["dense_flops"] == 2 * 1440 and dense["sparse_flops"] == 2 * dense["active"]
     assert report.attrs["sparsity"] == pytest.approx(1 - report["active"].sum() / 1476)
+
+
+def test_rescale_active_weights_by_hand():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, kernel_initializer="ones")])
+    sparse = keras_rigl.sparsify(model, 0.5, distribution="er", seed=0)
+    layer = keras_rigl.masked_layers(sparse)[0]
+    mask = np.array([[1, 1], [1, 0], [0, 0], [0, 0]], "float32")  # column 0: 2 of 4 active, column 1: 1 of 4
+    layer.set_masks({"kernel": mask})
+    layer.layer.kernel.assign(mask)  # active weights 1, masked 0
+    keras_rigl.rescale_active_weights(sparse)
+    kernel = keras.ops.convert_to_numpy(layer.layer.kernel)
+    expected = mask * np.array([np.sqrt(4 / 2), np.sqrt(4 / 1)], "float32")
+    np.testing.assert_allclose(kernel, expected, rtol=1e-6)
