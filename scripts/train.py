@@ -225,48 +225,6 @@ def _step_logger(base):
     return StepLogger()
 
 
-def export_sparse_tflite(model, path):
-    """Write the sparse .tflite of ``model``; returns its size in bytes. One place to swap the exporter."""
-    try:
-        from keras_rigl.tflite_export import export_tflite
-    except ImportError:
-        export_tflite = None
-    if export_tflite is not None:
-        export_tflite(model, path)
-        return os.path.getsize(path)
-    import tensorflow as tf  # pragma: no cover - fallback while tflite_export is missing
-
-    import keras_rigl
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras_rigl.strip(model))
-    converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    data = converter.convert()
-    with open(path, "wb") as fh:
-        fh.write(data)
-    return len(data)
-
-
-def tflite_outputs(path, x):
-    try:
-        from keras_rigl.tflite_runtime import tflite_predict
-    except ImportError:
-        tflite_predict = None
-    if tflite_predict is not None:
-        return np.asarray(tflite_predict(path, x))
-    import tensorflow as tf  # pragma: no cover - fallback
-
-    interp = tf.lite.Interpreter(model_path=path)
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    rows = []
-    for i in range(len(x)):
-        interp.resize_tensor_input(inp["index"], (1,) + x.shape[1:])
-        interp.allocate_tensors()
-        interp.set_tensor(inp["index"], x[i : i + 1].astype(np.float32))
-        interp.invoke()
-        rows.append(interp.get_tensor(out["index"]))
-    return np.concatenate(rows)
-
-
 def nonzero_params(model):
     """Trainable parameters that can be non-zero: masked weights count their active entries."""
     import keras
@@ -491,13 +449,14 @@ def run(cfg, data=None):
     if cfg.tflite:
         tfl_path = os.path.join(run_dir if cfg.save else _tmpdir(), "model.tflite")
         try:
-            result["tflite_bytes"] = export_sparse_tflite(model, tfl_path)
+            keras_rigl.export_tflite(model, tfl_path)
+            result["tflite_bytes"] = os.path.getsize(tfl_path)
         except Exception as err:  # a model the converter cannot take: keep the run, say why
             print(f"warning: TFLite export failed, no .tflite written ({type(err).__name__}: {str(err)[:300]})",
                   file=sys.stderr)
         else:
             logits = np.asarray(model.predict(data.x_test, verbose=0, batch_size=256))
-            lite = tflite_outputs(tfl_path, data.x_test)
+            lite = np.asarray(keras_rigl.tflite_predict(tfl_path, data.x_test))
             result["tflite_agreement"] = float(np.mean(lite.argmax(-1) == logits.argmax(-1)))
             result["tflite_max_abs_diff"] = float(np.max(np.abs(lite - logits)))
             if not cfg.save:
