@@ -1,0 +1,91 @@
+"""Every private Keras API keras_rigl uses, in one place, each with why no public API serves.
+
+Tested against the oldest and the newest Keras that ``setup.py`` allows
+(see README, "Keras versions"). When Keras changes one of these, this module
+is the only one to mend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+
+
+def is_graph_model(model):
+    """True for Sequential and functional models (the ones ``clone_model`` can rebuild).
+
+    Why private: Keras exports no ``Functional`` class; a subclassed model
+    and a functional one are both plain ``keras.Model`` instances publicly.
+    """
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+@contextlib.contextmanager
+def unlocked_state(layer):
+    """Let ``layer`` create variables after Keras locked its state (a deferred build).
+
+    Why private: Keras locks a layer's tracker once it is built and offers no
+    public way to add a weight afterwards; ``Masked`` builds masks for layers
+    (MultiHeadAttention) that only build on their first call.
+    """
+    tracker = layer._tracker
+    was_locked = tracker.locked
+    tracker.unlock()
+    try:
+        yield
+    finally:
+        if was_locked:
+            layer._lock_state()
+
+
+def call_accepts(layer, argument):
+    """Whether ``layer.call`` takes ``argument`` ("training" or "mask").
+
+    Why private: Keras computes this once per layer (``_call_has_training_arg``
+    / ``_call_has_mask_arg``), following its own rules for ``**kwargs``; the
+    public ``call_signature_parameters`` lists names only.
+    """
+    return bool(getattr(layer, f"_call_has_{argument}_arg"))
+
+
+def optimizer_variable_index(optimizer, variable):
+    """Position of ``variable`` in the optimizer's per-variable slot lists, or None.
+
+    Why private: Keras optimizers keep slots in lists aligned with their
+    trainable variables and expose no public "slot of this variable" lookup.
+    """
+    try:
+        return optimizer._get_variable_index(variable)
+    except (KeyError, AttributeError):
+        return None
+
+
+def optimizer_trainable_variables(optimizer):
+    """The optimizer's own list of the variables it updates (the alignment of its slot lists).
+
+    Why private: the public ``optimizer.variables`` lists the slots themselves,
+    not the model variables they belong to.
+    """
+    return list(optimizer._trainable_variables)
+
+
+def build_input_shapes(layer):
+    """``{argument: shape}`` a layer was built with (empty when unknown).
+
+    Why private: ``get_build_config()`` holds it publicly but only for layers
+    built through ``__call__``; EinsumDense inside MultiHeadAttention is built
+    directly, and only ``_build_shapes_dict`` records its shape.
+    """
+    return dict(getattr(layer, "_build_shapes_dict", None) or {})
+
+
+def inbound_nodes(operation):
+    """The call nodes of ``operation`` in a functional graph.
+
+    Why private: Keras 3 exposes no public walk of a functional graph; the
+    XNNPACK rewrite must re-call each operation with its recorded arguments.
+    """
+    return list(operation._inbound_nodes)
