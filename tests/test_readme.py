@@ -1,9 +1,10 @@
 """Every code block of README.md works as written.
 
-```python blocks are executed, each in a fresh Python subprocess (cwd: a temporary
-directory, so the files the README writes -- m.keras, model.tflite, serving/ --
-land there), after a short preamble that supplies what the README leaves to the
-reader. What the preambles supply, and every textual substitution, is listed in
+```python blocks are executed in order, each in a fresh namespace and its own
+temporary working directory (the files the README writes -- m.keras,
+model.tflite, serving/ -- land there), all in one Python subprocess so that
+TensorFlow is imported once, after a short preamble that supplies what the
+README leaves to the reader. What the preambles supply, and every textual substitution, is listed in
 PREAMBLES and SUBSTITUTIONS below; nothing else is changed. Keras' warning that
 ``from_logits=True`` was given a softmax output is turned into an error, so a
 loss that does not match the model's output fails the test.
@@ -124,31 +125,75 @@ SUBSTITUTIONS = [
 
 
 def prepared_source(code):
-    """The block's code with its preamble and substitutions, and the names of what was applied."""
-    applied = []
+    """The block's code with its preamble and substitutions applied."""
     preamble = COMMON_PREAMBLE
     for marker, extra, _why in PREAMBLES:
         if marker in code:
             preamble += extra
-            applied.append(f"preamble:{marker}")
     for marker, old, new, _why in SUBSTITUTIONS:
         if marker in code:
             assert old in code, f"substitution {old!r} -> {new!r} no longer matches the README block; update SUBSTITUTIONS"
             code = code.replace(old, new)
-            applied.append(f"sub:{old}")
-    return preamble + "\n# ---- README block ----\n" + code, applied
+    return preamble + "\n# ---- README block ----\n" + code
 
 
-def run_python(source, tmp_path, name="block.py"):
-    script = tmp_path / name
-    script.write_text(source, encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
-    return subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
-    )
+# Runs every block in ONE subprocess (TensorFlow is imported once; each block still gets
+# its own namespace and its own working directory) and records "ok" or the traceback.
+RUNNER = textwrap.dedent(
+    """
+    import json, os, sys, traceback
+    blocks = json.load(open(sys.argv[1], encoding="utf-8"))
+    results = {}
+    for name, source in blocks.items():
+        os.makedirs(name, exist_ok=True)
+        os.chdir(name)
+        try:
+            exec(compile(source, f"<{name}>", "exec"), {"__name__": "__main__"})
+            results[name] = "ok"
+        except BaseException:
+            results[name] = traceback.format_exc()
+        finally:
+            os.chdir("..")
+            sys.modules.get("keras") and sys.modules["keras"].backend.clear_session()
+        with open("results.json", "w", encoding="utf-8") as f:
+            json.dump(results, f)
+    """
+)
 
+# Must fail under COMMON_PREAMBLE: proves that a from_logits mismatch fails a block.
+CANARY = textwrap.dedent(
+    """
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(np.zeros((8, 4), "float32"), np.zeros(8, "int32"), verbose=0)
+    """
+)
 
 PYTHON_BLOCKS = readme_blocks("python")
+
+
+def block_name(line):
+    return f"README.md_line_{line}"
+
+
+@pytest.fixture(scope="module")
+def block_results(tmp_path_factory):
+    """``{block name: "ok" | traceback}`` for every README python block and the canary."""
+    import json
+
+    work = tmp_path_factory.mktemp("readme_blocks")
+    blocks = {block_name(line): prepared_source(code) for line, code in PYTHON_BLOCKS}
+    blocks["canary_softmax_with_from_logits"] = COMMON_PREAMBLE + CANARY
+    (work / "blocks.json").write_text(json.dumps(blocks), encoding="utf-8")
+    (work / "runner.py").write_text(RUNNER, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    proc = subprocess.run(
+        [sys.executable, "runner.py", "blocks.json"], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
+    results = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
+    missing = set(blocks) - set(results)
+    assert not missing, f"runner died (rc {proc.returncode}) before {sorted(missing)}:\n{proc.stderr[-4000:]}"
+    return results
 
 
 def test_readme_has_the_blocks_this_test_expects():
@@ -162,24 +207,15 @@ def test_readme_has_the_blocks_this_test_expects():
 
 
 @pytest.mark.parametrize("line,code", PYTHON_BLOCKS, ids=[f"README.md:{line}" for line, _ in PYTHON_BLOCKS])
-def test_python_block_runs(line, code, tmp_path):
-    source, _applied = prepared_source(code)
-    proc = run_python(source, tmp_path)
-    assert proc.returncode == 0, f"README.md python block at line {line} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+def test_python_block_runs(line, code, block_results):
+    result = block_results[block_name(line)]
+    assert result == "ok", f"README.md python block at line {line} failed:\n{result}"
 
 
-def test_the_from_logits_check_catches_a_softmax_output(tmp_path):
+def test_the_from_logits_check_catches_a_softmax_output(block_results):
     """The check above can fail: a softmax model with from_logits=True is an error under the preamble."""
-    snippet = textwrap.dedent(
-        """
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(np.zeros((8, 4), "float32"), np.zeros(8, "int32"), verbose=0)
-        """
-    )
-    proc = run_python(COMMON_PREAMBLE + snippet, tmp_path)
-    assert proc.returncode != 0
-    assert "from_logits" in proc.stderr
+    result = block_results["canary_softmax_with_from_logits"]
+    assert result != "ok" and "from_logits" in result, result
 
 
 # ----------------------------------------------------------------------------- bash blocks
