@@ -11,6 +11,7 @@ from keras_rigl.training_flops import model_flops
 from keras_rigl.tflite_export import export_saved_model, export_tflite
 from keras_rigl.tflite_report import tflite_weight_report
 from keras_rigl.tflite_runtime import tflite_predict
+from keras_rigl.tflite.parity import tflite_parity
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "export_tflite",
     "export_saved_model",
     "tflite_predict",
+    "tflite_parity",
     "tflite_weight_report",
     "load_dataset",
     "model_flops",
