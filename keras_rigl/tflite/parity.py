@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from keras_rigl.tflite.runtime import tflite_predict
 from keras_rigl.validation import check_int
 
 
@@ -18,8 +19,6 @@ def tflite_parity(model, tflite_path: str | os.PathLike | bytes, x, batch_size: 
     dequantized first). Raises ``ValueError`` when either side's outputs hold
     NaN or inf: an agreement computed from them means nothing.
     """
-    from keras_rigl.tflite_runtime import tflite_predict
-
     batch_size = check_int("batch_size", batch_size, 1)
     if isinstance(x, (list, tuple)):
         inputs = [np.asarray(v) for v in x]
