@@ -63,3 +63,14 @@ def test_bad_arguments(tmp_path):
         keras_rigl.tflite_parity(model, path, np.ones((2, 6), "float32"), batch_size=0)
     with pytest.raises(ValueError, match="x is empty"):
         keras_rigl.tflite_parity(model, path, np.ones((0, 6), "float32"))
+
+
+def test_non_finite_inputs_are_named_as_such(tmp_path):
+    # a sibling of the NaN-output case: NaN in x is the data's fault, not the model's or the file's
+    model = _mlp()
+    path = str(tmp_path / "m.tflite")
+    keras_rigl.export_tflite(model, path)
+    x = np.ones((4, 6), "float32")
+    x[2, 3] = np.inf
+    with pytest.raises(ValueError, match=r"^x holds NaN or inf \(example 2\)"):
+        keras_rigl.tflite_parity(model, path, x)

@@ -27,6 +27,10 @@ def tflite_parity(model, tflite_path: str | os.PathLike | bytes, x, batch_size: 
     n = int(inputs[0].shape[0]) if inputs[0].ndim else 0
     if n == 0:
         raise ValueError("x is empty; pass at least one example (with a leading batch dimension).")
+    for values in inputs:
+        if np.issubdtype(values.dtype, np.number) and not np.all(np.isfinite(values)):
+            example = int(np.argwhere(~np.isfinite(values))[0][0])
+            raise ValueError(f"x holds NaN or inf (example {example}); compare on finite inputs.")
     batch = inputs if len(inputs) > 1 else inputs[0]
     keras_out = model.predict(batch, batch_size=batch_size, verbose=0)
     if isinstance(keras_out, (list, tuple, dict)):
