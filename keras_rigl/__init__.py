@@ -8,9 +8,13 @@ from keras_rigl.masked import Masked
 from keras_rigl.report import sparsity_report
 from keras_rigl.sparsify import initialize_masks, masked_layers, rescale_active_weights, sparsify, strip
 from keras_rigl.training_flops import model_flops
-from keras_rigl.tflite_export import export_saved_model, export_tflite
-from keras_rigl.tflite_report import tflite_weight_report
-from keras_rigl.tflite_runtime import tflite_predict
+from keras_rigl.tflite import (
+    export_saved_model,
+    export_tflite,
+    tflite_parity,
+    tflite_predict,
+    tflite_weight_report,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +36,7 @@ __all__ = [
     "export_tflite",
     "export_saved_model",
     "tflite_predict",
+    "tflite_parity",
     "tflite_weight_report",
     "load_dataset",
     "model_flops",

@@ -62,7 +62,7 @@ def test_keras_and_tflite_agree(model):
     x, _ = _test_images(200)
     logits = model.predict(x, verbose=0)
     try:
-        from keras_rigl.tflite_runtime import tflite_predict
+        from keras_rigl.tflite.runtime import tflite_predict
     except ImportError:  # pragma: no cover - the runtime module missing
         pytest.skip("keras_rigl.tflite_runtime not available")
     lite = np.asarray(tflite_predict(os.path.join(RUN, "model.tflite"), x))
