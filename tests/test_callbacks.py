@@ -767,3 +767,26 @@ def test_use_ema_in_fit_keeps_invariants():
     x, y = _data()
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[algo, probe], verbose=0)
     assert probe.checked_updates > 0
+
+
+def test_steps_are_optimizer_steps_not_batches():
+    # gradient accumulation over 2 batches: 16 batches are 8 optimizer steps
+    class Probe(keras.callbacks.Callback):
+        def __init__(self, algo):
+            super().__init__()
+            self.algo, self.seen, self.rows = algo, [], 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            if len(self.algo.updates) > self.rows:
+                self.rows = len(self.algo.updates)
+                self.seen.append((int(self.algo.updates["step"].iloc[-1]), int(self.model.optimizer.iterations)))
+
+    algo = keras_rigl.SET(update_freq=2, end_step=6, seed=0)
+    probe = Probe(algo)
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.05, gradient_accumulation_steps=2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[algo, probe], verbose=0)
+    assert int(model.optimizer.iterations) == 8
+    assert probe.seen == [(2, 2), (4, 4), (6, 6)]
