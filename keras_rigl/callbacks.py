@@ -213,6 +213,9 @@ class SparseTraining(keras.callbacks.Callback):
         steps (not needed with ``end_step``), ``step`` the optimizer step
         now, ``plan_start`` the step at which the planned run began.
         """
+        total_steps = validation.check_optional_int("total_steps", total_steps, 1, hint=" (planned optimizer steps)")
+        step = validation.check_int("step", step, 0, hint=" (the optimizer step now)")
+        plan_start = validation.check_int("plan_start", plan_start, hint=" (the step the planned run began at)")
         layers = masked_layers(model)
         if not layers:
             raise ValueError(

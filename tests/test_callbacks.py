@@ -790,3 +790,9 @@ def test_steps_are_optimizer_steps_not_batches():
     model.fit(x, y, batch_size=16, epochs=2, callbacks=[algo, probe], verbose=0)
     assert int(model.optimizer.iterations) == 8
     assert probe.seen == [(2, 2), (4, 4), (6, 6)]
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(total_steps="100"), "total_steps"), (dict(step=1.5), "step")])
+def test_attach_arguments_are_checked(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} must be an integer"):
+        keras_rigl.RigL(update_freq=2).attach(_model(), **{"total_steps": 100, **kwargs})
