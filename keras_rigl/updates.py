@@ -39,6 +39,7 @@ class UpdateResult:
     removed: np.ndarray  # bool: connections active before and inactive now
     n_moved: int  # connections that became active (= newly grown, not regrown)
     n_active: int
+    n_dropped: int = 0  # k = floor(drop_fraction * n_active): connections dropped (some may regrow)
 
 
 def _to_numpy(x):
@@ -55,7 +56,7 @@ def _top_k_flat(scores, k, permutation):
     return permutation[np.argpartition(permuted, k - 1)[:k]]
 
 
-def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False):
+def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False, drop_scores=None):
     """One RigL/SET-style update of one masked weight.
 
     Args:
@@ -67,6 +68,9 @@ def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regro
         seed: int, for the tie-breaking permutation.
         reinit_regrown: treat a connection dropped and regrown in the same
             update as new (SET) instead of keeping its weight (RigL).
+        drop_scores: array of the same shape; larger = keep first, the
+            smallest active ones are dropped. ``None`` (the paper): |weight|.
+            NaN counts as 0, +-inf as the largest/smallest finite number.
 
     Returns:
         :class:`UpdateResult` with NumPy arrays.
@@ -79,9 +83,18 @@ def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regro
     k = int(np.floor(float(drop_fraction) * n_active))
     permutation = np.random.default_rng(seed).permutation(size)
 
-    drop_scores = np.where(active, np.abs(w.reshape(-1).astype(np.float64)), -np.inf)
+    if drop_scores is None:
+        keep_scores = np.abs(w.reshape(-1).astype(np.float64))
+    else:
+        keep_scores = _to_numpy(drop_scores).astype(np.float64)
+        if keep_scores.shape != shape:
+            raise ValueError(f"drop_scores has shape {keep_scores.shape}; it must have the mask's shape {shape}.")
+        keep_scores = keep_scores.reshape(-1)
+        # NaN counts as 0; -inf must still rank above the inactive entries' -inf
+        keep_scores = np.nan_to_num(keep_scores, nan=0.0)
+    keep_scores = np.where(active, keep_scores, -np.inf)
     keep = np.zeros(size, dtype=bool)
-    keep[_top_k_flat(drop_scores, n_active - k, permutation)] = True
+    keep[_top_k_flat(keep_scores, n_active - k, permutation)] = True
     scores = _to_numpy(grow_scores).reshape(-1).astype(np.float64)
     scores = np.where(np.isfinite(scores), scores, 0.0)  # a NaN never wins
     grow = np.zeros(size, dtype=bool)
@@ -95,6 +108,7 @@ def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regro
         removed=(active & ~new_active).reshape(shape),
         n_moved=int((grow & ~active).sum()),
         n_active=n_active,
+        n_dropped=k,
     )
 
 
