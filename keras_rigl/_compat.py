@@ -112,6 +112,8 @@ def graph_model(model):
     if isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is not None:
         return model._functional
     return model
+
+
 def optimizer_slot_lists(optimizer):
     """``[(attribute name, list)]``: the optimizer's per-variable state lists, aligned with its variables.
 
