@@ -90,11 +90,11 @@ def sparsity_report(model):
 
 
 def _fit(text, width):
-    """``text`` cut to ``width`` characters, keeping both ends (names differ at either)."""
+    """``text`` cut to ``width`` characters, keeping both ends (names differ at either), the end more."""
     if len(text) <= width:
         return text
-    tail = (width - 1) // 2
-    return text[: width - 1 - tail] + "~" + text[len(text) - tail :]
+    head = (width - 1) // 3
+    return text[:head] + "~" + text[len(text) - (width - 1 - head) :]
 
 
 def format_report(df, width=WIDTH):

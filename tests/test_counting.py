@@ -169,3 +169,98 @@ def test_errors():
     with pytest.raises(ValueError, match="examples must be an integer >= 0"):
         counting.training_flops("rigl", 1, 2, examples=-1)
     assert counting.training_flops("rigl", 1, 2, np.int64(10), np.int64(5), np.int64(2)) == 3 * 10 + 2
+
+
+def depthwise_model():
+    """DepthwiseConv2D (left dense by default) -> 1x1 Conv2D -> Dense; masks set by hand."""
+    inp = keras.Input((5, 5, 2))
+    x = keras.layers.DepthwiseConv2D(3, name="dw")(inp)  # kernel 3x3x2x1 = 18, output 3x3
+    x = keras.layers.Conv2D(4, 1, name="pw")(x)  # kernel 1x1x2x4 = 8, output 3x3
+    out = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(x))  # kernel 36x3 = 108
+    model = keras_rigl.sparsify(keras.Model(inp, out), 0.5, seed=0)
+    layers = {layer.layer.name: layer for layer in keras_rigl.masked_layers(model)}
+    mask_pw = np.zeros((1, 1, 2, 4), bool)
+    mask_pw.reshape(-1)[:4] = True  # 4 of 8
+    mask_head = np.zeros((36, 3), bool)
+    mask_head.reshape(-1)[::4] = True  # 27 of 108
+    for layer in layers.values():  # sparsify zeroed its own masked entries; make every weight non-zero again
+        layer.layer.kernel.assign(np.full(layer.layer.kernel.shape, 0.5, "float32"))
+    layers["pw"].set_masks({"kernel": mask_pw})
+    layers["head"].set_masks({"kernel": mask_head})
+    return model
+
+
+def test_report_lists_every_kernel_and_marks_the_dense_ones():
+    model = depthwise_model()
+    report = keras_rigl.sparsity_report(model)
+    rows = [(r.layer, r.weight, r.shape, r.masked, r.params, r.active) for r in report.itertuples()]
+    assert rows == [
+        ("dw", "kernel", (3, 3, 2, 1), False, 18, 18),
+        ("pw", "kernel", (1, 1, 2, 4), True, 8, 4),
+        ("head", "kernel", (36, 3), True, 108, 27),
+    ]
+    # per example: dw 2*18*9, pw 2*8*9 (2*4*9 sparse), head 2*108 (2*27 sparse)
+    assert list(report["dense_flops"]) == [324, 144, 216]
+    assert list(report["sparse_flops"]) == [324, 72, 54]
+    assert report.attrs["params"] == 134 and report.attrs["active"] == 49
+    assert report.attrs["sparsity"] == pytest.approx(1 - 49 / 134)
+    assert (report.attrs["masked_params"], report.attrs["masked_active"]) == (116, 31)
+    assert report.attrs["masked_sparsity"] == pytest.approx(1 - 31 / 116)
+    assert (report.attrs["dense_flops"], report.attrs["sparse_flops"]) == (684, 450)
+    assert (counting.model_flops(model).sparse, counting.model_flops(model).dense) == (450, 684)
+    # the totals describe the stripped model: its non-zero kernel entries
+    plain = keras_rigl.strip(model)
+    nonzero = sum(int(np.count_nonzero(keras.ops.convert_to_numpy(l.kernel))) for l in plain.layers if hasattr(l, "kernel"))
+    assert nonzero == 49
+
+
+def test_report_lists_the_dense_depthwise_kernel_of_a_masked_separable_conv():
+    inp = keras.Input((6, 6, 3))
+    out = keras.layers.SeparableConv2D(4, 3, name="sep")(inp)  # output 4x4
+    model = keras_rigl.sparsify(keras.Model(inp, out), 0.5, seed=0)
+    report = keras_rigl.sparsity_report(model)
+    rows = [(r.layer, r.weight, r.masked, r.params, r.active) for r in report.itertuples()]
+    assert rows == [("sep", "pointwise_kernel", True, 12, 6), ("sep", "depthwise_kernel", False, 27, 27)]
+    assert list(report["dense_flops"]) == [2 * 12 * 16, 2 * 27 * 16]
+
+
+def test_report_lists_excluded_layers_dense():
+    inp = keras.Input((8,))
+    x = keras.layers.Dense(6, name="a")(inp)
+    out = keras.layers.Dense(4, name="b")(x)
+    model = keras_rigl.sparsify(keras.Model(inp, out), 0.5, exclude="b", seed=0)
+    report = keras_rigl.sparsity_report(model)
+    assert [(r.layer, r.masked, r.params, r.active) for r in report.itertuples()] == [
+        ("a", True, 48, 24),
+        ("b", False, 24, 24),
+    ]
+    assert report.attrs["active"] == 48 and report.attrs["masked_active"] == 24
+
+
+def test_printed_report_shows_key_columns_and_a_total_within_80_columns():
+    inp = keras.Input((7, 300))
+    x = keras.layers.Bidirectional(keras.layers.LSTM(256), name="a_rather_long_bidirectional_layer_name")(inp)
+    out = keras.layers.Dense(1000, name="classifier")(x)
+    model = keras_rigl.sparsify(keras.Model(inp, out), 0.9, seed=0)
+    report = keras_rigl.sparsity_report(model)
+    import pandas as pd
+
+    # as pandas prints in an 80-column terminal
+    with pd.option_context("display.width", 80, "display.max_columns", 0):
+        text = str(report)
+        assert repr(report) == text
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80, text
+    assert "..." not in text
+    assert lines[0].split() == ["layer", "weight", "shape", "masked", "active/params", "sparsity"]
+    for r in report.itertuples():  # every row's key numbers are there
+        assert f"{r.active:,}/{r.params:,}" in text and f"{100 * r.sparsity:.1f}%" in text
+    total = [line for line in lines if line.startswith("total")]
+    assert len(total) == 1
+    a = report.attrs
+    assert total[0].split()[1:] == [f"{a['active']:,}/{a['params']:,}", f"{100 * a['sparsity']:.1f}%"]
+    # long names are shortened in the middle, keeping both ends, and the LSTM's four weights stay apart
+    cells = [line.split()[:2] for line in lines[2:7]]
+    assert all(layer.startswith("a_r") and "~" in layer and layer.endswith("name") for layer, _ in cells[:4])
+    assert len({weight for _, weight in cells[:4]}) == 4
+    assert cells[4] == ["classifier", "kernel"]
