@@ -8,7 +8,7 @@
 
 Prints the per-layer sparsity report, held-out accuracy, training and
 inference FLOPs against dense (the RigL paper's accounting, see
-``keras_rigl.training_flops``), and writes into ``<out>/<run>/``:
+``keras_rigl.counting``), and writes into ``<out>/<run>/``:
 ``model.keras``, ``model.tflite`` (sparse), ``steps.csv`` (per-step logs:
 loss, accuracy, learning rate, sparsity, drop fraction, ITOP),
 ``epochs.csv`` (keras CSVLogger, with held-out metrics), ``mask_updates.csv``,
