@@ -95,8 +95,17 @@ def kernel_counts(model):
     the kernels the maskable registry knows (excluded Dense/Conv layers,
     DepthwiseConv kernels, ...), all dense.
     """
+    if isinstance(model, keras.Model):
+        layers = all_layers(model)
+    elif isinstance(model, keras.layers.Layer):
+        layers = [model]
+    else:
+        raise TypeError(
+            f"Expected a keras.Model or a layer, got {type(model).__name__}; load a saved model with "
+            "keras.models.load_model first."
+        )
     rows = []
-    for layer in all_layers(model):
+    for layer in layers:
         if isinstance(layer, keras.Model):
             continue
         if isinstance(layer, Masked):
@@ -283,7 +292,7 @@ def inference_flops(model):
 # ----------------------------------------------------------- training FLOPs
 def train_flops_per_example(method, f_sparse, f_dense, update_freq=100):
     """Training FLOPs per example seen for ``method``; RigL at the paper's amortised rate."""
-    method = validation.check_choice("method", method, METHODS)
+    method = validation.check_choice("method", method.lower() if isinstance(method, str) else method, METHODS)
     update_freq = validation.check_int("update_freq", update_freq, 1, hint=" (steps between mask updates)")
     if method in ("dense", "prune"):
         return 3.0 * f_dense
@@ -307,7 +316,7 @@ def training_flops(method, f_sparse, f_dense, examples, update_freq=100, update_
         "update_examples", update_examples, 0, examples, hint=" (examples seen on mask-update steps, or None)"
     )
     per_example = train_flops_per_example(method, f_sparse, f_dense, update_freq)
-    if method == "rigl" and update_examples is not None:
+    if method.lower() == "rigl" and update_examples is not None:
         return 3.0 * f_sparse * examples + float(f_dense - f_sparse) * update_examples
     return per_example * examples
 

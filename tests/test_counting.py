@@ -264,3 +264,17 @@ def test_printed_report_shows_key_columns_and_a_total_within_80_columns():
     assert all(layer.startswith("a_r") and "~" in layer and layer.endswith("name") for layer, _ in cells[:4])
     assert len({weight for _, weight in cells[:4]}) == 4
     assert cells[4] == ["classifier", "kernel"]
+
+
+def test_report_of_one_masked_layer_and_refusal_of_other_objects():
+    model = two_layer()
+    layer = keras_rigl.masked_layers(model)[0]
+    report = keras_rigl.sparsity_report(layer)
+    assert [(r.layer, r.masked, r.params, r.active) for r in report.itertuples()] == [("a", True, 48, 12)]
+    assert keras_rigl.count_active(layer) == (12, 48)
+    with pytest.raises(TypeError, match="keras.Model or a layer.*got str"):
+        keras_rigl.sparsity_report("model.keras")
+
+
+def test_method_names_are_case_insensitive():
+    assert counting.train_flops_per_example("RigL", F_S, F_D, update_freq=10) == pytest.approx(1296 / 11)
