@@ -96,6 +96,11 @@ def _uniform_densities(shapes, sparsity, fixed):
     """
     names = list(shapes)
     if not fixed:
+        if len(names) == 1 and sparsity > 0:
+            raise ValueError(
+                f"uniform keeps the first masked weight dense, and {names[0]!r} is the only masked weight: "
+                f"nothing would be sparse. Use distribution='erk', or per_layer={{{names[0]!r}: {sparsity:g}}}."
+            )
         return {name: 1.0 if i == 0 else 1.0 - sparsity for i, name in enumerate(names)}
     densities = dict(fixed)
     densities.setdefault(names[0], 1.0)
@@ -119,7 +124,7 @@ def _uniform_densities(shapes, sparsity, fixed):
     if share > 1.0 + 1e-12:
         raise ValueError(
             f"The per_layer sparsities{first_note} leave fewer weights active than sparsity={sparsity:g} "
-            "asks for, even with every other layer dense; raise the per_layer densities or sparsity."
+            "asks for, even with every other layer dense; lower the per_layer sparsities or raise sparsity."
         )
     densities.update({n: min(1.0, share) for n in free})
     return {n: densities[n] for n in names}

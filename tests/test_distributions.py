@@ -128,3 +128,11 @@ def test_er_erk_total_active_equals_target(shapes, sparsity, dist):
         for b in named:
             if raws[a] > raws[b]:
                 assert d[a] >= d[b] - 1e-12
+
+
+def test_uniform_refuses_a_single_weight_it_would_keep_dense():
+    with pytest.raises(ValueError, match=r"only masked weight.*distribution='erk'.*per_layer=\{'dense/kernel': 0.9\}"):
+        distributions.layer_densities({"dense/kernel": (144, 10)}, 0.9, "uniform")
+    assert distributions.layer_densities({"dense/kernel": (144, 10)}, 0.0, "uniform") == {"dense/kernel": 1.0}
+    fixed = distributions.layer_densities({"dense/kernel": (144, 10)}, 0.9, "uniform", per_layer={"dense/kernel": 0.9})
+    assert fixed == {"dense/kernel": pytest.approx(0.1)}
