@@ -51,7 +51,9 @@ def layer_densities(shapes, sparsity, distribution="erk", per_layer=None):
         shapes: ordered ``{name: shape}`` of the weights to mask.
         sparsity: target overall sparsity in [0, 1) over all of them.
         distribution: ``"erk"``, ``"er"`` or ``"uniform"``.
-        per_layer: ``{name: sparsity}`` fixed for those weights.
+        per_layer: ``{name: sparsity}`` fixed for those weights; the others
+            make up the difference (see the module docstring), or a
+            ValueError says why they cannot.
 
     Returns:
         ``{name: density}`` in the order of ``shapes``.

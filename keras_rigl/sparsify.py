@@ -4,7 +4,8 @@
 them such as ``keras.applications`` backbones), wraps every maskable layer in
 :class:`~keras_rigl.Masked`, copies the existing weights, and draws masks with
 the requested per-layer distribution. ``initialize_masks`` does the last step
-alone, for models (e.g. subclassed ones) that hold ``Masked`` layers already.
+alone, for models (e.g. subclassed ones) that hold ``Masked`` layers already;
+``masks_from_weights`` takes the masks from weights pruned elsewhere.
 ``strip`` gives back a plain Keras model with the masked weights at 0.
 """
 
@@ -117,7 +118,9 @@ def sparsify(
         exclude: layer names (str or list) or a predicate ``layer -> bool``;
             those layers stay dense and unwrapped.
         per_layer: ``{layer name: sparsity}`` (or ``"layer/weight"`` for one
-            weight of a multi-weight layer such as LSTM) fixed for those.
+            weight of a multi-weight layer such as LSTM) fixed for those; the
+            other weights make up the difference so that the total is
+            ``sparsity`` (see :func:`keras_rigl.layer_densities`).
         mask_init: ``"random"`` (uniform at random, the sparse-from-scratch
             path) or ``"magnitude"`` (keep the largest |w|: the path for
             pretrained weights).
