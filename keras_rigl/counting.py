@@ -79,6 +79,23 @@ class KernelCount:
         return forward_flops(self.active, self.positions)
 
 
+def mask_array(layer, masked_weight):
+    """The mask of ``masked_weight`` (of the Masked ``layer``) as NumPy, checked to hold only 0 and 1.
+
+    ``Masked.set_masks`` refuses anything else, but a mask variable can be
+    assigned directly; a 0.5 would be counted as active and mask nothing.
+    """
+    mask = keras.ops.convert_to_numpy(masked_weight.mask)
+    bad = mask[(mask != 0) & (mask != 1)]
+    if bad.size:
+        raise ValueError(
+            f"The mask {layer.name}/{masked_weight.name} holds values other than 0 and 1 "
+            f"({', '.join(f'{v:g}' for v in np.unique(bad)[:3])}); set masks through "
+            "Masked.set_masks, which takes only 0/1."
+        )
+    return mask
+
+
 def _kernel_refs(layer):
     """Every kernel the registry knows on ``layer``, depthwise ones included."""
     try:
@@ -111,7 +128,7 @@ def kernel_counts(model):
         if isinstance(layer, Masked):
             name, inner = layer.layer.name, layer.layer
             for mw in layer.masked_weights:
-                mask = keras.ops.convert_to_numpy(mw.mask)
+                mask = mask_array(layer, mw)
                 rows.append(_row(name, mw.name, layer, mw.ref.owner, mask.shape, int(np.count_nonzero(mask)), True))
             skip = {mw.name for mw in layer.masked_weights}
         else:
@@ -145,7 +162,7 @@ def count_active(model):
     active = total = 0
     for layer in masked_layers(model):
         for mw in layer.masked_weights:
-            mask = keras.ops.convert_to_numpy(mw.mask)
+            mask = mask_array(layer, mw)
             active += int(np.count_nonzero(mask))
             total += int(mask.size)
     return active, total
@@ -157,14 +174,13 @@ def count_nonzero_params(model):
     Every trainable weight counts in full (biases and normalisation too),
     except masked weights, which count only their active entries.
     """
-    masks = {id(mw.weight): mw.mask for layer in masked_layers(model) for mw in layer.masked_weights}
+    masks = {id(mw.weight): (layer, mw) for layer in masked_layers(model) for mw in layer.masked_weights}
     total = 0
     for variable in model.trainable_weights:
-        mask = masks.get(id(variable))
-        if mask is None:
-            total += int(math.prod(variable.shape))
+        if id(variable) in masks:
+            total += int(np.count_nonzero(mask_array(*masks[id(variable)])))
         else:
-            total += int(np.count_nonzero(keras.ops.convert_to_numpy(mask)))
+            total += int(math.prod(variable.shape))
     return total
 
 

@@ -278,3 +278,12 @@ def test_report_of_one_masked_layer_and_refusal_of_other_objects():
 
 def test_method_names_are_case_insensitive():
     assert counting.train_flops_per_example("RigL", F_S, F_D, update_freq=10) == pytest.approx(1296 / 11)
+
+
+def test_counting_refuses_a_mask_written_around_set_masks():
+    model = two_layer()
+    layer = keras_rigl.masked_layers(model)[0]
+    layer.masked_weights[0].mask.assign(np.full((8, 6), 0.5, "float32"))  # bypasses set_masks' check
+    for count in (keras_rigl.sparsity_report, keras_rigl.count_active, keras_rigl.count_nonzero_params):
+        with pytest.raises(ValueError, match=r"masked_a/kernel holds values other than 0 and 1 \(0.5\).*set_masks"):
+            count(model)
