@@ -5,10 +5,17 @@ from keras_rigl.datasets import load_dataset
 from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
+from keras_rigl.counting import count_active, count_nonzero_params, model_flops, training_flops_summary
 from keras_rigl.report import sparsity_report
 from keras_rigl.schedule import DecayedFraction, DropFractionSchedule
-from keras_rigl.sparsify import initialize_masks, masked_layers, rescale_active_weights, sparsify, strip
-from keras_rigl.training_flops import model_flops
+from keras_rigl.sparsify import (
+    initialize_masks,
+    masked_layers,
+    masks_from_weights,
+    rescale_active_weights,
+    sparsify,
+    strip,
+)
 from keras_rigl.tflite import (
     export_saved_model,
     export_tflite,
@@ -44,5 +51,9 @@ __all__ = [
     "tflite_weight_report",
     "load_dataset",
     "model_flops",
+    "training_flops_summary",
+    "count_active",
+    "count_nonzero_params",
+    "masks_from_weights",
     "layer_densities",
 ]

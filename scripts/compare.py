@@ -20,7 +20,7 @@ Methods (``--methods``):
 
 Grid: methods x ``--sparsities`` x ``--seeds`` x ``--multipliers`` (dense runs
 once per seed and multiplier). Training FLOPs follow the paper's accounting
-(``keras_rigl.training_flops``; pruning is charged as dense throughout).
+(``keras_rigl.counting``; pruning is charged as dense throughout).
 
 Output in ``--out``: ``results.csv`` (one row per run, written after each run
 with a temp file + ``os.replace``, keyed by a run id made of the data, model, epochs,
@@ -181,11 +181,11 @@ class Planner:
             import keras
 
             import keras_rigl
-            from keras_rigl import training_flops, zoo
+            from keras_rigl import counting, zoo
 
             dense = zoo.build_model(self.args.model, self.data.input_shape, self.data.num_classes)
             sparse = keras_rigl.sparsify(dense, sparsity, distribution=self.args.distribution, seed=0)
-            mf = training_flops.model_flops(sparse)
+            mf = counting.model_flops(sparse)
             params = train.nonzero_params(sparse)
             width = zoo.width_for_params(self.args.model, self.data.input_shape, self.data.num_classes, params)
             self._cache[sparsity] = {"f_sparse": mf.sparse, "f_dense": mf.dense, "params": params, "width": width}
@@ -204,13 +204,13 @@ class Planner:
         if method in ("dense_flops", "small_dense", "dense"):
             cfg.method = "dense"
         if method == "dense_flops":
-            from keras_rigl import training_flops
+            from keras_rigl import counting
 
             st = self.sparse_stats(job.sparsity)
             epochs = max(1, int(round(a.epochs * job.multiplier)))
             examples = epochs * math.ceil(len(self.data.x_train) / a.batch_size) * a.batch_size
-            target = training_flops.training_flops("rigl", st["f_sparse"], st["f_dense"], examples, a.update_freq)
-            cfg.steps = training_flops.equal_flops_steps(target, st["f_dense"], a.batch_size)
+            target = counting.training_flops("rigl", st["f_sparse"], st["f_dense"], examples, a.update_freq)
+            cfg.steps = counting.equal_flops_steps(target, st["f_dense"], a.batch_size)
         if method == "small_dense":
             cfg.width = self.sparse_stats(job.sparsity)["width"]
         return cfg

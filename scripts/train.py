@@ -8,7 +8,7 @@
 
 Prints the per-layer sparsity report, held-out accuracy, training and
 inference FLOPs against dense (the RigL paper's accounting, see
-``keras_rigl.training_flops``), and writes into ``<out>/<run>/``:
+``keras_rigl.counting``), and writes into ``<out>/<run>/``:
 ``model.keras``, ``model.tflite`` (sparse), ``steps.csv`` (per-step logs:
 loss, accuracy, learning rate, sparsity, drop fraction, ITOP),
 ``epochs.csv`` (keras CSVLogger, with held-out metrics), ``mask_updates.csv``,
@@ -385,7 +385,7 @@ def run(cfg, data=None):
     import pandas as pd
 
     import keras_rigl
-    from keras_rigl import datasets, training_flops
+    from keras_rigl import counting, datasets
 
     check_config(cfg)
     _quiet_tf()
@@ -412,10 +412,10 @@ def run(cfg, data=None):
     if steps_done == 0:
         steps_done = len(step_rows)
     examples = steps_done * cfg.batch_size
-    mf = training_flops.model_flops(model)
+    mf = counting.model_flops(model)
     flop_method = "dense" if cfg.method == "dense" else cfg.method
-    train_flops = training_flops.training_flops(flop_method, mf.sparse, mf.dense, examples, cfg.update_freq)
-    dense_train_flops = training_flops.training_flops("dense", mf.sparse, mf.dense, examples)
+    train_flops = counting.training_flops(flop_method, mf.sparse, mf.dense, examples, cfg.update_freq)
+    dense_train_flops = counting.training_flops("dense", mf.sparse, mf.dense, examples)
     report = keras_rigl.sparsity_report(model) if keras_rigl.masked_layers(model) else None
     result = {
         "run": run_name,
