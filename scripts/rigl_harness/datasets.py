@@ -1,4 +1,4 @@
-"""Small image-classification data sets for the example scripts, with validation.
+"""Small image-classification data sets for scripts/train.py and scripts/compare.py, with validation.
 
 ``load_dataset(name)`` gives a :class:`Dataset` of float32 images in
 ``[0, 1]`` shaped ``(N, H, W, C)`` and int32 labels ``0..num_classes-1``:
@@ -113,7 +113,7 @@ def _images(x, name):
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be a numeric array, got dtype {x.dtype}.")
-    if x.ndim == 2:  # flat features: (N, D) -> (N, D, 1, 1)? keep as (N, D) vectors as images of 1 row
+    if x.ndim == 2:  # flat features (N, D): images of one row, (N, 1, D, 1)
         x = x[:, None, :, None]
     elif x.ndim == 3:  # (N, H, W) grayscale
         x = x[..., None]

@@ -1,4 +1,4 @@
-"""Model builders for the example scripts: small CNN, MLP, LSTM and keras.applications.
+"""Model builders for scripts/train.py and scripts/compare.py: small CNN, MLP, LSTM and keras.applications.
 
 ``build_model(name, input_shape, num_classes, width=1.0)`` returns a built,
 uncompiled functional model. ``width`` scales every hidden layer's units /
