@@ -32,6 +32,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    input_scale: float = 1.0  # what the raw inputs were divided by (both splits alike)
 
     @property
     def input_shape(self):
@@ -90,9 +91,23 @@ def synthetic(seed=0, n_train=512, n_test=128, shape=(8, 8, 1), num_classes=10, 
     return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes)
 
 
+SAVEZ_HINT = "save it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+INPUT_SCALES = ("auto", "none", "255")
+INT32_MAX = np.iinfo(np.int32).max
+# a class count above this many times the distinct labels (and at least this many more) is a stray label
+CLASS_SLACK_FACTOR, CLASS_SLACK_MIN = 2, 10
+
+
 def _labels(y, name):
+    """1-D int32 labels, every check done on the original values (int64 or wider) before any cast."""
     y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] > 1:  # one-hot
+    if y.ndim == 2 and y.shape[1] > 1:
+        # argmax only of real one-hot rows: 0/1 entries with exactly one 1 per row
+        if y.dtype.kind not in "iufb" or not np.all((y == 0) | (y == 1)) or not np.all(y.sum(axis=1) == 1):
+            raise ValueError(
+                f"{name} is 2-D {y.shape} but not one-hot (rows of 0/1 with exactly one 1); "
+                "give 1-D integer class labels 0..C-1."
+            )
         y = y.argmax(axis=1)
     elif y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -101,12 +116,31 @@ def _labels(y, name):
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise ValueError(f"{name} must hold integer class labels 0..C-1; it has non-integer values.")
-    elif y.dtype.kind not in "iu":
+    elif y.dtype.kind not in "iub":
         raise ValueError(f"{name} must hold integer class labels 0..C-1, got dtype {y.dtype}.")
-    y = y.astype(np.int64)
-    if y.size and y.min() < 0:
-        raise ValueError(f"{name} has negative labels; labels must be 0..C-1.")
-    return y.astype(np.int32)
+    if y.size:
+        low, high = y.min(), y.max()  # in the array's own dtype: no wrap-around yet
+        if low < 0:
+            raise ValueError(f"{name} has negative labels (e.g. {int(low)}); labels must be 0..C-1.")
+        if high > INT32_MAX:
+            raise ValueError(
+                f"{name} has label {int(high)}, which does not fit a class index (at most {INT32_MAX}); "
+                "relabel the classes 0..C-1 (numpy.unique(y, return_inverse=True))."
+            )
+    return y.astype(np.int64).astype(np.int32)
+
+
+def _check_class_count(y_train, y_test):
+    """The class count the labels imply; refuses one far above the number of distinct labels (a stray label)."""
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    distinct = np.union1d(y_train, y_test)
+    if num_classes > max(CLASS_SLACK_FACTOR * len(distinct), len(distinct) + CLASS_SLACK_MIN):
+        split = "y_train" if y_train.max() + 1 == num_classes else "y_test"
+        raise ValueError(
+            f"label {num_classes - 1} in {split} implies {num_classes} classes but only {len(distinct)} distinct "
+            "labels appear; fix the stray label or relabel the classes 0..C-1 (numpy.unique(y, return_inverse=True))."
+        )
+    return num_classes
 
 
 def _images(x, name):
@@ -124,12 +158,28 @@ def _images(x, name):
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name} has NaN or infinite values; clean the data first.")
-    if x.size and x.max() > 1.0:
-        x = x / (255.0 if x.max() <= 255.0 else float(x.max()))
     return x
 
 
-def validate_arrays(x_train, y_train, x_test, y_test, name="data"):
+def input_divisor(x_train, input_scale="auto"):
+    """The one number both splits are divided by, decided from the training split only.
+
+    ``"auto"``: data with negative values (standardised) or already in [0, 1] is left alone (1.0);
+    pixels in (1, 255] are divided by 255; larger non-negative values by the training maximum.
+    ``"none"``: 1.0. ``"255"``: 255.0.
+    """
+    if input_scale not in INPUT_SCALES:
+        raise ValueError(f"input_scale must be one of {', '.join(INPUT_SCALES)}, got {input_scale!r}.")
+    if input_scale == "none":
+        return 1.0
+    if input_scale == "255":
+        return 255.0
+    if not x_train.size or x_train.min() < 0 or x_train.max() <= 1.0:
+        return 1.0
+    return 255.0 if x_train.max() <= 255.0 else float(x_train.max())
+
+
+def validate_arrays(x_train, y_train, x_test, y_test, name="data", input_scale="auto"):
     """Check and normalise four arrays into a :class:`Dataset`; ValueError says what to fix."""
     x_train, x_test = _images(x_train, "x_train"), _images(x_test, "x_test")
     y_train, y_test = _labels(y_train, "y_train"), _labels(y_test, "y_test")
@@ -145,43 +195,89 @@ def validate_arrays(x_train, y_train, x_test, y_test, name="data"):
             f"x_train examples have shape {x_train.shape[1:]} but x_test examples {x_test.shape[1:]}; "
             "both splits must have the same example shape."
         )
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    num_classes = _check_class_count(y_train, y_test)
     if num_classes < 2:
         raise ValueError("the labels hold a single class; classification needs at least 2.")
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
+    divisor = input_divisor(x_train, input_scale)
+    if divisor != 1.0:
+        x_train, x_test = x_train / np.float32(divisor), x_test / np.float32(divisor)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, input_scale=divisor)
 
 
-def load_npz(path):
+def _check_npz_members(path):
+    """Check each array's member before numpy reads it: present, a .npy, a sane header, CRC intact.
+
+    Why by hand: ``numpy.load`` allocates the shape a header declares before reading any data (a forged
+    header asks for terabytes) and reports a damaged member as a zipfile error mid-read.
+    """
+    import zipfile
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"could not read {path!r} as an .npz archive ({err}); {SAVEZ_HINT}."
+    with zf:
+        names = set(zf.namelist())
+        for key in NPZ_KEYS:
+            member = f"{key}.npy"
+            if member not in names:
+                if key in names:
+                    return f"member {key!r} of {path!r} is not a .npy array (no .npy name); {SAVEZ_HINT}."
+                continue  # reported as missing below
+            info = zf.getinfo(member)
+            try:
+                with zf.open(member) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = header(fh, max_header_size=10000)
+                    header_bytes = fh.tell() if fh.seekable() else None
+            except (ValueError, EOFError, zipfile.BadZipFile, OSError) as err:
+                return f"member {member!r} of {path!r} is not a .npy array ({err}); {SAVEZ_HINT}."
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if dtype.hasobject or declared > info.file_size - (header_bytes or 0):
+                return (f"member {member!r} of {path!r} declares shape {tuple(shape)} ({declared:,} bytes of "
+                        f"{dtype}) but holds {info.file_size:,} bytes; the file is damaged, {SAVEZ_HINT}.")
+        try:
+            bad = zf.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return f"{path!r} is damaged ({err}); {SAVEZ_HINT}."
+        if bad is not None:
+            return f"member {bad!r} of {path!r} is corrupted (bad CRC); re-save the file: {SAVEZ_HINT}."
+    return None
+
+
+def load_npz(path, input_scale="auto"):
     """Load ``x_train, y_train, x_test, y_test`` from an ``.npz`` file, validated."""
     if not os.path.exists(path):
         raise ValueError(f"dataset file {path!r} does not exist; give mnist5k, digits, synthetic or a path to an .npz file.")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as err:
-        raise ValueError(
-            f"could not read {path!r} as an .npz archive ({err}); save it with "
-            "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
-        ) from None
+        raise ValueError(f"could not read {path!r} as an .npz archive ({err}); {SAVEZ_HINT}.") from None
     if not hasattr(archive, "files"):
-        raise ValueError(
-            f"{path!r} holds a single array, not an .npz archive; save it with "
-            "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
-        )
+        raise ValueError(f"{path!r} holds a single array, not an .npz archive; {SAVEZ_HINT}.")
     with archive:
+        problem = _check_npz_members(path)
+        if problem:
+            raise ValueError(problem)
         missing = [k for k in NPZ_KEYS if k not in archive.files]
         if missing:
-            raise ValueError(
-                f"{path!r} lacks arrays {missing} (it has {sorted(archive.files)}); save it with "
-                "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
-            )
+            raise ValueError(f"{path!r} lacks arrays {missing} (it has {sorted(archive.files)}); {SAVEZ_HINT}.")
         arrays = {k: archive[k] for k in NPZ_KEYS}
-    return validate_arrays(**arrays, name=os.path.basename(path))
+    return validate_arrays(**arrays, name=os.path.basename(path), input_scale=input_scale)
 
 
-def load_dataset(name, seed=0):
-    """A :class:`Dataset` by name (``mnist5k``, ``digits``, ``synthetic``) or ``.npz`` path."""
+def load_dataset(name, seed=0, input_scale="auto"):
+    """A :class:`Dataset` by name (``mnist5k``, ``digits``, ``synthetic``) or ``.npz`` path.
+
+    ``input_scale`` (``auto``, ``none``, ``255``) applies to ``.npz`` files; the built-in sets are
+    already in [0, 1].
+    """
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a str, got {type(name).__name__}.")
+    if input_scale not in INPUT_SCALES:
+        raise ValueError(f"input_scale must be one of {', '.join(INPUT_SCALES)}, got {input_scale!r}.")
     if name == "mnist5k":
         return mnist5k(seed)
     if name == "digits":
@@ -189,5 +285,5 @@ def load_dataset(name, seed=0):
     if name == "synthetic":
         return synthetic(seed)
     if name.endswith(".npz") or os.path.sep in name or os.path.exists(name):
-        return load_npz(name)
+        return load_npz(name, input_scale=input_scale)
     raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(NAMES)} or a path to an .npz file.")
