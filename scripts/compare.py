@@ -37,8 +37,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from rigl_harness import datasets, runner  # noqa: E402  (scripts/ is on sys.path when this file runs)
-from rigl_harness.cli import ranged  # noqa: E402
+from rigl_harness import atomic, datasets, runner  # noqa: E402  (scripts/ is on sys.path when this file runs)
+from rigl_harness.cli import HelpFormatter, ranged  # noqa: E402
 from rigl_harness.comparison import ALL_METHODS, run_comparison  # noqa: E402
 
 
@@ -82,23 +82,25 @@ def _methods(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=_methods, default=None, help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all)")
-    p.add_argument("--sparsities", type=_sparsities, default=[0.8, 0.9, 0.95], help="comma-separated, in (0, 1) (default 0.8,0.9,0.95)")
-    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated integers (default 0,1,2)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--methods", type=_methods, default=None, help=f"comma-separated, from {','.join(ALL_METHODS)}")
+    p.add_argument("--sparsities", type=_sparsities, default=[0.8, 0.9, 0.95], help="comma-separated, in (0, 1)")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated integers")
     p.add_argument("--multipliers", "--multiplier", type=_multipliers, default=[1.0],
-                   help="training-length multipliers (epochs x m; default 1); dense at m > 1 is 'dense trained m times longer'")
-    p.add_argument("--epochs", type=ranged(int, 1, what=" (>= 1)"), default=10, help="epochs of a 1x run (default 10)")
-    p.add_argument("--model", default="cnn", choices=runner.MODELS)
-    p.add_argument("--dataset", default="mnist5k", help="mnist5k | digits | synthetic | PATH.npz (default mnist5k)")
-    p.add_argument("--distribution", default="erk", choices=runner.DISTRIBUTIONS)
-    p.add_argument("--update-freq", type=ranged(int, 1, what=" (>= 1)"), default=50, help="ΔT, steps between mask updates (default 50)")
-    p.add_argument("--drop-fraction", type=ranged(float, 0.0, 1.0, lo_open=True, what=" (in (0, 1])"), default=0.3, help="default 0.3")
-    p.add_argument("--lr", type=ranged(float, 0.0, lo_open=True, what=" (> 0)"), default=0.05, help="SGD learning rate, cosine-decayed (default 0.05)")
-    p.add_argument("--batch-size", type=ranged(int, 1, what=" (>= 1)"), default=64, help="default 64")
+                   help="training-length multipliers (epochs x m); dense at m > 1 is 'dense trained m times longer'")
+    p.add_argument("--epochs", type=ranged(int, 1, what=" (>= 1)"), default=10, help="epochs of a 1x run")
+    p.add_argument("--model", default="cnn", choices=runner.MODELS, help="architecture (rigl_harness.zoo)")
+    p.add_argument("--dataset", default="mnist5k", help="mnist5k | digits | synthetic | PATH.npz")
+    p.add_argument("--distribution", default="erk", choices=runner.DISTRIBUTIONS, help="how the sparsity is spread over the layers")
+    p.add_argument("--update-freq", type=ranged(int, 1, what=" (>= 1)"), default=50, help="ΔT, steps between mask updates")
+    p.add_argument("--drop-fraction", type=ranged(float, 0.0, 1.0, lo_open=True, what=" (in (0, 1])"), default=0.3, help="share of active connections moved at an update")
+    p.add_argument("--lr", type=ranged(float, 0.0, lo_open=True, what=" (> 0)"), default=0.05, help="SGD learning rate, cosine-decayed")
+    p.add_argument("--batch-size", type=ranged(int, 1, what=" (>= 1)"), default=64, help="examples per step")
     p.add_argument("--no-tflite", action="store_true", help="skip the per-run sparse TFLite export (its size column stays empty)")
     p.add_argument("--out", default="compare_results", help="folder for results.csv, summary.md and the plots")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--input-scale", default="auto", choices=datasets.INPUT_SCALES,
+                   help=".npz inputs: decided from the training split (auto), none, or 255; applied to both splits")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
 
 
@@ -108,7 +110,8 @@ def prepare(argv=None):
     args = parser.parse_args(argv)
     notes = []
     try:
-        data = datasets.load_dataset(args.dataset, seed=0)
+        atomic.check_out_folder(args.out)
+        data = datasets.load_dataset(args.dataset, seed=0, input_scale=args.input_scale)
         if args.methods is None:
             args.methods = list(ALL_METHODS)
             try:

@@ -18,3 +18,7 @@ def ranged(kind, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
         return value
 
     return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and every flag's default in --help."""

@@ -8,7 +8,7 @@ import os
 
 import pandas as pd
 
-from rigl_harness import library, zoo
+from rigl_harness import atomic, library, zoo
 from rigl_harness.runner import Config, run
 
 ALL_METHODS = ("dense", "dense_flops", "small_dense", "static", "set", "snfs", "rigl", "prune")
@@ -16,7 +16,7 @@ DENSE_ONLY = ("dense",)  # independent of the sparsity
 COLUMNS = [
     "run_id", "dataset", "model", "method", "sparsity", "seed", "multiplier", "epochs", "steps", "batch_size",
     "width", "accuracy", "loss", "train_flops", "inference_flops", "f_dense", "params", "params_total",
-    "sparsity_actual", "wall_time_s", "tflite_bytes", "tflite_agreement",
+    "sparsity_actual", "wall_time_s", "tflite_bytes", "tflite_agreement", "mask_updates", "status",
 ]
 LABELS = {
     "dense": "Dense", "dense_flops": "Dense (same train FLOPs as RigL)", "small_dense": "Small-Dense",
@@ -65,10 +65,8 @@ def read_results(path):
 
 
 def write_results(df, path):
-    """Replace the CSV atomically (temp file in the same folder + os.replace)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Replace the CSV atomically (temp file in the same folder, fsync, os.replace)."""
+    atomic.write_csv(path, df)
 
 
 class Planner:
@@ -135,7 +133,7 @@ def run_job(job, planner, args):
         "loss": r["loss"], "train_flops": r["train_flops"], "inference_flops": r["inference_flops"],
         "f_dense": r["f_dense"], "params": r["params"], "params_total": r["params_total"],
         "sparsity_actual": r["sparsity"], "wall_time_s": r["wall_time_s"], "tflite_bytes": r["tflite_bytes"],
-        "tflite_agreement": r.get("tflite_agreement"),
+        "tflite_agreement": r.get("tflite_agreement"), "mask_updates": r["mask_updates"], "status": r["status"],
     }
 
 
@@ -158,6 +156,8 @@ def summarize(df, dense_train=None):
     Training FLOPs are relative to ``dense_train`` (the dense 1x run's; default: the mean of the dense 1x
     rows), inference FLOPs to the dense model's forward FLOPs.
     """
+    if "status" in df:  # a diverged run (non-finite loss) is not a result: it stays in the CSV, not the summary
+        df = df[df["status"].fillna("ok") != "failed"]
     if df.empty:
         return pd.DataFrame()
     ref_flops = _full_width_f_dense(df)
@@ -242,7 +242,7 @@ def plot(summary, out):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     p1 = os.path.join(out, "accuracy_vs_flops.png")
-    fig.savefig(p1, dpi=90)
+    atomic.write_file(p1, lambda tmp: fig.savefig(tmp, dpi=90))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -263,7 +263,7 @@ def plot(summary, out):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     p2 = os.path.join(out, "accuracy_vs_sparsity.png")
-    fig.savefig(p2, dpi=90)
+    atomic.write_file(p2, lambda tmp: fig.savefig(tmp, dpi=90))
     plt.close(fig)
     return p1, p2
 
@@ -289,6 +289,8 @@ def run_comparison(args, data, notes=()):
         if bar is not None:
             bar.set_description(f"{job.method} s={job.sparsity:g} x{job.multiplier:g} seed={job.seed}")
         row = run_job(job, planner, args)
+        if row["status"] != "ok":
+            print(f"warning: run {row['run_id']} failed (non-finite loss); it is left out of the summary.")
         df = pd.concat([df[df["run_id"] != row["run_id"]], pd.DataFrame([row])], ignore_index=True)
         write_results(df[[c for c in COLUMNS if c in df.columns]], csv_path)
         if bar is not None:
@@ -306,9 +308,8 @@ def run_comparison(args, data, notes=()):
         dense_train = 3.0 * _full_width_f_dense(study) * examples
     summary = summarize(study, dense_train=dense_train)
     md = to_markdown(summary) if len(summary) else "(no runs)\n"
-    with open(os.path.join(args.out, "summary.md"), "w") as fh:
-        fh.write(md)
-    summary.to_csv(os.path.join(args.out, "summary.csv"), index=False)
+    atomic.write_text(os.path.join(args.out, "summary.md"), md)
+    atomic.write_csv(os.path.join(args.out, "summary.csv"), summary)
     if len(summary):
         plot(summary, args.out)
     print(md)

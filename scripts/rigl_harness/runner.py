@@ -16,10 +16,11 @@ import time
 
 import numpy as np
 
-from rigl_harness import datasets, library, zoo
+from rigl_harness import atomic, datasets, library, zoo
 
 METHODS = ("rigl", "set", "snfs", "static", "dense", "prune")
 SPARSE_METHODS = ("rigl", "set", "snfs", "static")
+DYNAMIC_METHODS = ("rigl", "set", "snfs")  # methods whose masks change during training
 DISTRIBUTIONS = ("erk", "er", "uniform")
 LR_SCHEDULES = ("cosine", "step", "constant")
 INITS = ("scaled", "dense")
@@ -43,14 +44,16 @@ class Config:
     batch_size: int = 64
     seed: int = 0
     weights: str | None = None
-    out: str = "saved_models"
+    out: str = "runs"  # gitignored; the committed example in saved_models/ only by an explicit --out
     run_name: str | None = None
+    overwrite: bool = False  # replace an existing run folder (swapped in only when the new run completes)
+    input_scale: str = "auto"  # .npz inputs: auto | none | 255 (decided from the training split)
     steps: int | None = None  # total optimizer steps (overrides epochs x multiplier)
     width: float = 1.0  # hidden-size multiplier (small-dense baseline)
     init: str = "scaled"  # "scaled": sparse-aware init of masked weights; "dense": the layer's own init
     save: bool = True  # write the model, logs and plots
     tflite: bool = True  # export the sparse .tflite
-    verbose: int = 1
+    verbose: int = 2  # 2: Keras progress, sparsity table and results; 1: the result lines only; 0: silent
 
     @property
     def sparse(self):
@@ -78,8 +81,10 @@ def check_config(cfg):
         raise ValueError(f"unknown model {cfg.model!r}; use one of {', '.join(MODELS)}.")
     if cfg.sparse and not 0.0 < cfg.sparsity < 1.0:
         raise ValueError(f"--sparsity must be in (0, 1) for method {cfg.method!r}, got {cfg.sparsity}.")
-    if cfg.weights is not None and not os.path.exists(cfg.weights):
-        raise ValueError(f"--weights file {cfg.weights!r} does not exist.")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)) or cfg.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {cfg.seed!r}.")
+    if cfg.weights is not None:
+        zoo.check_weights_file(cfg.weights)
     if cfg.steps is not None and cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}.")
     if cfg.method == "prune":
@@ -171,11 +176,12 @@ def _train_keras(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
     )
     callback = method_callback(cfg)
     logger = _step_logger(keras.callbacks.Callback)
-    callbacks = [c for c in (callback, logger) if c is not None]
+    # a non-finite loss stops training: the run is then reported as failed, not as a result
+    callbacks = [c for c in (callback, logger, keras.callbacks.TerminateOnNaN()) if c is not None]
     if cfg.save:
         callbacks.append(keras.callbacks.CSVLogger(os.path.join(run_dir, "epochs.csv")))
     fit = _fit_args(cfg, data, steps_per_epoch, epochs)
-    model.fit(**fit, callbacks=callbacks, verbose=2 if cfg.verbose else 0,
+    model.fit(**fit, callbacks=callbacks, verbose=2 if cfg.verbose >= 2 else 0,
               validation_data=(data.x_test, data.y_test) if cfg.save else None)
     updates = callback.updates if callback is not None else None
     return model, logger.rows, updates
@@ -217,10 +223,11 @@ def _train_prune(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
         metrics=["accuracy"],
     )
     logger = _step_logger(tf_keras.callbacks.Callback)
-    callbacks = [tfmot.sparsity.keras.UpdatePruningStep(), logger]
+    callbacks = [tfmot.sparsity.keras.UpdatePruningStep(), logger, tf_keras.callbacks.TerminateOnNaN()]
     if cfg.save:
         callbacks.append(tf_keras.callbacks.CSVLogger(os.path.join(run_dir, "epochs.csv")))
-    pruned.fit(**_fit_args(cfg, data, steps_per_epoch, epochs), callbacks=callbacks, verbose=2 if cfg.verbose else 0,
+    pruned.fit(**_fit_args(cfg, data, steps_per_epoch, epochs), callbacks=callbacks,
+               verbose=2 if cfg.verbose >= 2 else 0,
                validation_data=(data.x_test, data.y_test) if cfg.save else None)
     for row in logger.rows:  # the schedule's target sparsity at that step
         row["sparsity"] = float(schedule(row["step"])[1]) if row["step"] <= end else float(cfg.sparsity)
@@ -283,30 +290,71 @@ def _quiet_tf():
     tf.get_logger().setLevel(logging.ERROR)  # retracing notes when many models are trained in one process
 
 
-def run(cfg, data=None):
-    """Train one configuration; returns a dict of results (see ``main``). ``data``: a preloaded Dataset."""
-    import keras
-    import pandas as pd
-
-    import keras_rigl
-    check_config(cfg)
-    _quiet_tf()
-    if data is None:
-        data = datasets.load_dataset(cfg.dataset, seed=0)  # the split is fixed; --seed varies the training
+def _plan(cfg, data):
+    """(total_steps, epochs, steps per epoch) of a configuration."""
     steps_per_epoch = math.ceil(len(data.x_train) / cfg.batch_size)
     if cfg.steps is not None:
-        total_steps, epochs, spe = int(cfg.steps), 1, int(cfg.steps)
-    else:
-        epochs = max(1, int(round(cfg.epochs * cfg.multiplier)))
-        total_steps, spe = epochs * steps_per_epoch, steps_per_epoch
+        return int(cfg.steps), 1, int(cfg.steps)
+    epochs = max(1, int(round(cfg.epochs * cfg.multiplier)))
+    return epochs * steps_per_epoch, epochs, steps_per_epoch
+
+
+def _failure(step_rows, loss, model):
+    """Why a finished fit is not a result (non-finite loss or weights), or None."""
+    import keras
+
+    losses = [row.get("loss") for row in step_rows if "loss" in row]
+    if losses and not all(math.isfinite(v) for v in losses):
+        bad = next(row["step"] for row in step_rows if "loss" in row and not math.isfinite(row["loss"]))
+        return f"non-finite training loss at step {bad}; training stopped (lower --lr)"
+    if not math.isfinite(loss):
+        return "non-finite held-out loss; the model diverged (lower --lr)"
+    for w in model.weights:
+        if not np.all(np.isfinite(keras.ops.convert_to_numpy(w))):
+            return f"non-finite weights in {w.path}; the model diverged (lower --lr)"
+    return None
+
+
+def run(cfg, data=None):
+    """Train one configuration; returns a dict of results (see ``scripts/train.py``).
+
+    ``data``: a preloaded :class:`rigl_harness.datasets.Dataset`. With ``cfg.save`` the run is written into
+    a staged folder swapped in as ``cfg.out/<run>`` only when complete (:class:`rigl_harness.atomic.RunFolder`).
+    A run whose loss went non-finite comes back with ``status == "failed"`` and a ``failure`` reason.
+    """
+    import keras
+
+    import keras_rigl
+
+    check_config(cfg)
+    _quiet_tf()
+    if data is None:  # the split is fixed (seed 0); --seed varies the training
+        data = datasets.load_dataset(cfg.dataset, seed=0, input_scale=cfg.input_scale)
+    total_steps, epochs, spe = _plan(cfg, data)
     run_name = cfg.run_name or cfg.default_run_name()
-    run_dir = os.path.join(cfg.out, run_name)
-    if cfg.save:
-        os.makedirs(run_dir, exist_ok=True)
+    folder = atomic.RunFolder(cfg.out, run_name, overwrite=cfg.overwrite) if cfg.save else None
+    stage = folder.begin() if folder else None
+    try:
+        result, report = _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage)
+        if folder:
+            result["run_dir"] = folder.commit()
+    except BaseException:
+        if folder:
+            folder.abandon()
+        raise
+    if cfg.verbose:
+        _print_summary(result, report if cfg.verbose >= 2 else None, result["run_dir"])
+    return result
+
+
+def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage):
+    import keras
+
+    import keras_rigl
 
     start = time.perf_counter()
     trainer = _train_prune if cfg.method == "prune" else _train_keras
-    model, step_rows, updates = trainer(cfg, data, total_steps, spe, epochs, run_dir)
+    model, step_rows, updates = trainer(cfg, data, total_steps, spe, epochs, stage)
     train_time = time.perf_counter() - start
     loss, accuracy = model.evaluate(data.x_test, data.y_test, verbose=0, batch_size=256)
 
@@ -314,14 +362,21 @@ def run(cfg, data=None):
     if steps_done == 0:
         steps_done = len(step_rows)
     examples = steps_done * cfg.batch_size
+    mask_updates = int(updates["step"].nunique()) if updates is not None and len(updates) else 0
+    # the dense gradient was computed only on the steps where RigL really updated the masks
+    update_examples = mask_updates * cfg.batch_size if cfg.method == "rigl" else None
     flops = library.training_flops_summary(model, library.flops_method(cfg.method), examples,
-                                           update_freq=cfg.update_freq)
+                                           update_freq=cfg.update_freq, update_examples=update_examples)
     report = keras_rigl.sparsity_report(model) if keras_rigl.masked_layers(model) else None
+    failure = _failure(step_rows, float(loss), model)
     result = {
         "run": run_name,
+        "status": "failed" if failure else "ok",
+        "failure": failure,
         "method": cfg.method,
         "model": cfg.model,
         "dataset": data.name,
+        "input_scale": data.input_scale,
         "sparsity_target": cfg.sparsity if cfg.sparse else 0.0,
         "sparsity": float(report.attrs["sparsity"]) if report is not None else 0.0,
         "seed": cfg.seed,
@@ -342,52 +397,51 @@ def run(cfg, data=None):
         "params_total": int(sum(math.prod(w.shape) for w in model.trainable_weights)),
         "wall_time_s": train_time,
         "tflite_bytes": None,
-        "mask_updates": int(updates["step"].nunique()) if updates is not None and len(updates) else 0,
+        "mask_updates": mask_updates,
+        "run_dir": None,
     }
-    if cfg.save:
-        model.save(os.path.join(run_dir, "model.keras"))
-    if cfg.tflite:
-        tfl_path = os.path.join(run_dir if cfg.save else _tmpdir(), "model.tflite")
+    if cfg.method in DYNAMIC_METHODS and mask_updates == 0 and not failure:
+        result["warning"] = (f"{cfg.method} made no mask update during training (the first update step, "
+                             f"{cfg.update_freq}, is past the end of updates at 75% of {steps_done} steps): "
+                             "this run was static sparse training; lower --update-freq or train longer.")
+        if cfg.verbose:
+            print(f"warning: {result['warning']}", file=sys.stderr)
+    if stage and not failure:
+        atomic.write_file(os.path.join(stage, "model.keras"), model.save)
+    if cfg.tflite and not failure:
+        _export_and_compare(cfg, model, data, result, stage)
+    if stage:
+        import pandas as pd
+
+        atomic.write_csv(os.path.join(stage, "steps.csv"), pd.DataFrame(step_rows))
+        if updates is not None:
+            atomic.write_csv(os.path.join(stage, "mask_updates.csv"), updates)
+        if report is not None:
+            atomic.write_csv(os.path.join(stage, "sparsity_report.csv"), report)
+        atomic.write_json(os.path.join(stage, "metrics.json"), {**result, "config": dataclasses.asdict(cfg)})
+        title = f"{run_name}: " + (f"FAILED ({failure})" if failure else f"held-out accuracy {accuracy:.4f}")
+        atomic.write_file(os.path.join(stage, "curves.png"),
+                          lambda tmp: plot_curves(step_rows, os.path.join(stage, "epochs.csv"), tmp, title=title))
+    return result, report
+
+
+def _export_and_compare(cfg, model, data, result, stage):
+    import tempfile
+
+    import keras_rigl
+
+    with tempfile.TemporaryDirectory(prefix="rigl_harness_") as scratch:
+        tfl_path = os.path.join(stage or scratch, "model.tflite")
         try:
             keras_rigl.export_tflite(model, tfl_path)
-            result["tflite_bytes"] = os.path.getsize(tfl_path)
         except Exception as err:  # a model the converter cannot take: keep the run, say why
             print(f"warning: TFLite export failed, no .tflite written ({type(err).__name__}: {str(err)[:300]})",
                   file=sys.stderr)
-        else:
-            logits = np.asarray(model.predict(data.x_test, verbose=0, batch_size=256))
-            lite = np.asarray(keras_rigl.tflite_predict(tfl_path, data.x_test))
-            result["tflite_agreement"] = float(np.mean(lite.argmax(-1) == logits.argmax(-1)))
-            result["tflite_max_abs_diff"] = float(np.max(np.abs(lite - logits)))
-            if not cfg.save:
-                os.unlink(tfl_path)
-
-    if cfg.save:
-        pd.DataFrame(step_rows).to_csv(os.path.join(run_dir, "steps.csv"), index=False)
-        if updates is not None:
-            updates.to_csv(os.path.join(run_dir, "mask_updates.csv"), index=False)
-        if report is not None:
-            report.to_csv(os.path.join(run_dir, "sparsity_report.csv"), index=False)
-        with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
-            json.dump({**result, "config": dataclasses.asdict(cfg)}, fh, indent=2, default=str)
-        plot_curves(step_rows, os.path.join(run_dir, "epochs.csv"), os.path.join(run_dir, "curves.png"),
-                    title=f"{run_name}: held-out accuracy {accuracy:.4f}")
-    if cfg.verbose:
-        _print_summary(result, report, run_dir if cfg.save else None)
-    result["run_dir"] = run_dir if cfg.save else None
-    return result
-
-
-_TMP = None
-
-
-def _tmpdir():
-    global _TMP
-    if _TMP is None:
-        import tempfile
-
-        _TMP = tempfile.mkdtemp(prefix="keras_rigl_train_")
-    return _TMP
+            return
+        result["tflite_bytes"] = os.path.getsize(tfl_path)
+        parity = library.tflite_parity(model, tfl_path, data.x_test)
+        result["tflite_agreement"] = parity["agreement"]
+        result["tflite_max_abs_diff"] = parity["max_abs_diff"]
 
 
 def _print_summary(r, report, run_dir):
@@ -399,12 +453,18 @@ def _print_summary(r, report, run_dir):
             print(report.to_string(index=False))
             print(f"total: {report.attrs['active']:,} of {report.attrs['params']:,} masked weights active "
                   f"(sparsity {report.attrs['sparsity']:.4f})")
+    if r["status"] != "ok":
+        print(f"\nRun FAILED: {r['failure']}")
+        if run_dir:
+            print(f"Logs saved to {run_dir}/")
+        return
     print(f"\nHeld-out accuracy: {r['accuracy']:.4f}   loss: {r['loss']:.4f}   ({r['dataset']} test split)")
     print(f"Parameters (non-zero): {r['params']:,} of {r['params_total']:,}")
     print(f"Inference FLOPs / example: {r['inference_flops']:,} vs dense {r['f_dense']:,} "
           f"({r['inference_flops'] / r['f_dense']:.3f}x)")
     print(f"Training FLOPs: {r['train_flops']:.4g} vs dense {r['train_flops_dense']:.4g} "
-          f"({r['train_flops'] / r['train_flops_dense']:.3f}x) over {r['steps']} steps x {r['batch_size']}")
+          f"({r['train_flops'] / r['train_flops_dense']:.3f}x) over {r['steps']} steps x {r['batch_size']}"
+          + (f", {r['mask_updates']} mask updates" if r["method"] in DYNAMIC_METHODS else ""))
     if r.get("tflite_bytes"):
         print(f"Sparse TFLite: {r['tflite_bytes']:,} bytes; agrees with Keras on "
               f"{100 * r['tflite_agreement']:.2f}% of test predictions (max |diff| {r['tflite_max_abs_diff']:.2e})")
