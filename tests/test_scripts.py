@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_train_bad_flags_fail_before_training(no_training, capsys, argv, message
     with pytest.raises(SystemExit) as exc:
         train.main(argv)
     assert exc.value.code == 2
-    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_train_malformed_npz(no_training, capsys, tmp_path):
@@ -471,15 +472,23 @@ def test_npz_errors_exit_2(tmp_path, capsys, no_training):
 
 
 def test_prune_runs_for_real(tmp_path):
-    pytest.importorskip("tensorflow_model_optimization")  # the "test" extra installs it
-    r = runner.run(runner.Config(dataset="synthetic", model="mlp", method="prune", sparsity=0.8, epochs=6,
-                                 update_freq=2, save=False, tflite=False, verbose=0))
-    import keras_rigl  # noqa: F401
+    import tensorflow_model_optimization  # noqa: F401  (the "test" extra installs it: no skip)
 
+    r = train.main(["--dataset", "synthetic", "--model", "mlp", "--method", "prune", "--sparsity", "0.8",
+                    "--epochs", "6", "--update-freq", "2", "--out", str(tmp_path), "--run-name", "p", "--quiet"])
+    assert r["status"] == "ok"
     assert r["sparsity"] == pytest.approx(0.8, abs=0.01)  # TFMOT reached its target; masks = its zeros
     assert r["params"] < 0.3 * r["params_total"]
     assert r["accuracy"] > 0.8  # dense reaches about 0.98 here; chance is 0.1
     assert r["train_flops"] == r["train_flops_dense"]  # pruning is charged as dense
+    assert r["tflite_agreement"] == 1.0
+    import keras_rigl
+
+    model = keras.models.load_model(str(tmp_path / "p" / "model.keras"))
+    for layer in keras_rigl.masked_layers(model):
+        for mw in layer.masked_weights:  # the masks are exactly where TFMOT left non-zero weights
+            weight = keras.ops.convert_to_numpy(mw.weight)
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.mask) != 0, weight != 0)
 
 
 @pytest.mark.parametrize("broken", ["summary.csv", "accuracy_vs_flops.png", "results.csv"])
