@@ -4,9 +4,16 @@ from keras_rigl.callbacks import SET, SNFS, RigL, Static
 from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
+from keras_rigl.counting import count_active, count_nonzero_params, model_flops, training_flops_summary
 from keras_rigl.report import sparsity_report
-from keras_rigl.sparsify import initialize_masks, masked_layers, rescale_active_weights, sparsify, strip
-from keras_rigl.training_flops import model_flops
+from keras_rigl.sparsify import (
+    initialize_masks,
+    masked_layers,
+    masks_from_weights,
+    rescale_active_weights,
+    sparsify,
+    strip,
+)
 from keras_rigl.tflite_export import export_saved_model, export_tflite
 from keras_rigl.tflite_report import tflite_weight_report
 from keras_rigl.tflite_runtime import tflite_predict
@@ -33,5 +40,9 @@ __all__ = [
     "tflite_predict",
     "tflite_weight_report",
     "model_flops",
+    "training_flops_summary",
+    "count_active",
+    "count_nonzero_params",
+    "masks_from_weights",
     "layer_densities",
 ]

@@ -3,7 +3,8 @@
 Pure functions over ``{weight name: shape}``; no Keras involved.
 
 * uniform: every weight gets the target sparsity, except the first one,
-  which stays dense (the paper's convention for uniform).
+  which stays dense (the paper's convention for uniform; the total sparsity
+  is then a little below the target).
 * Erdős–Rényi (ER): density proportional to (n_in + n_out) / (n_in * n_out),
   with n_in, n_out the last two dimensions of the weight (input and output
   channels / units).
@@ -14,27 +15,20 @@ For ER/ERK the scale factor is solved so that the total number of active
 weights equals the target; a weight whose density would exceed 1 is made
 dense and the scale is solved again for the rest, until no density exceeds 1.
 Weights with an explicit sparsity (``per_layer``) keep it and the others make
-up the difference.
+up the difference, so that the total equals the target for every
+distribution: with uniform, the first weight stays dense (unless fixed) and
+the remaining ones share what is left equally. What cannot be made up (the
+others would need a density above 1 or at most 0, or ``per_layer`` fixes
+every weight at another total) is refused with the numbers.
 """
 
 from __future__ import annotations
 
 import math
 
+from keras_rigl import validation
+
 DISTRIBUTIONS = ("erk", "er", "uniform")
-
-
-def check_sparsity(sparsity, what="sparsity"):
-    try:
-        value = float(sparsity)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number in [0, 1), got {sparsity!r}.") from None
-    if not 0.0 <= value < 1.0 or math.isnan(value):
-        raise ValueError(
-            f"{what} must be in [0, 1) (the fraction of weights set to zero; 0.9 keeps 10%), "
-            f"got {sparsity!r}."
-        )
-    return value
 
 
 def raw_density(shape, distribution):
@@ -57,33 +51,85 @@ def layer_densities(shapes, sparsity, distribution="erk", per_layer=None):
         shapes: ordered ``{name: shape}`` of the weights to mask.
         sparsity: target overall sparsity in [0, 1) over all of them.
         distribution: ``"erk"``, ``"er"`` or ``"uniform"``.
-        per_layer: ``{name: sparsity}`` fixed for those weights.
+        per_layer: ``{name: sparsity}`` fixed for those weights; the others
+            make up the difference (see the module docstring), or a
+            ValueError says why they cannot.
 
     Returns:
         ``{name: density}`` in the order of ``shapes``.
     """
-    sparsity = check_sparsity(sparsity)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"Unknown distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}."
-        )
-    per_layer = dict(per_layer or {})
+    sparsity = validation.check_sparsity(sparsity)
+    validation.check_choice("distribution", distribution, DISTRIBUTIONS)
+    per_layer = validation.check_per_layer(per_layer)
     unknown = set(per_layer) - set(shapes)
     if unknown:
         raise ValueError(f"per_layer names {sorted(unknown)} are not among the masked weights {list(shapes)}.")
-    fixed = {name: 1.0 - check_sparsity(s, f"per_layer[{name!r}]") for name, s in per_layer.items()}
-    names = list(shapes)
+    fixed = {name: 1.0 - float(s) for name, s in per_layer.items()}
     if distribution == "uniform":
-        densities = {}
-        for i, name in enumerate(names):
-            if name in fixed:
-                densities[name] = fixed[name]
-            elif i == 0:
-                densities[name] = 1.0
-            else:
-                densities[name] = 1.0 - sparsity
-        return densities
+        return _uniform_densities(shapes, sparsity, fixed)
+    _check_fully_fixed(shapes, sparsity, fixed)
     return erk_densities(shapes, sparsity, fixed, kernel=(distribution == "erk"))
+
+
+def _sizes(shapes):
+    return {name: math.prod(int(d) for d in shape) for name, shape in shapes.items()}
+
+
+def _check_fully_fixed(shapes, sparsity, densities, why="per_layer fixes every masked weight"):
+    """Refuse densities fixed for every weight whose total is not the target (rounded to whole weights)."""
+    if len(densities) < len(shapes):
+        return
+    sizes = _sizes(shapes)
+    total = sum(sizes.values())
+    kept = sum(densities[n] * sizes[n] for n in shapes)
+    if round(kept) != round((1.0 - sparsity) * total):
+        actual = 1.0 - kept / total
+        raise ValueError(
+            f"{why}, which gives an overall sparsity of {actual:.4g}, not sparsity={sparsity:g}; "
+            f"pass sparsity={actual:.4g}, or leave a weight out of per_layer to make up the difference."
+        )
+
+
+def _uniform_densities(shapes, sparsity, fixed):
+    """Uniform: the first weight dense (unless fixed), the others share the rest equally.
+
+    Without ``fixed`` that is the paper's convention (every other weight at
+    ``sparsity``); with it, the shares are solved so that the total is the target.
+    """
+    names = list(shapes)
+    if not fixed:
+        if len(names) == 1 and sparsity > 0:
+            raise ValueError(
+                f"uniform keeps the first masked weight dense, and {names[0]!r} is the only masked weight: "
+                f"nothing would be sparse. Use distribution='erk', or per_layer={{{names[0]!r}: {sparsity:g}}}."
+            )
+        return {name: 1.0 if i == 0 else 1.0 - sparsity for i, name in enumerate(names)}
+    densities = dict(fixed)
+    densities.setdefault(names[0], 1.0)
+    free = [n for n in names if n not in densities]
+    if not free:
+        why = "per_layer fixes every masked weight"
+        if names[0] not in fixed:
+            why += f" but the first ({names[0]!r}), which uniform keeps dense"
+        _check_fully_fixed(shapes, sparsity, densities, why)
+        return {n: densities[n] for n in names}
+    sizes = _sizes(shapes)
+    target = (1.0 - sparsity) * sum(sizes.values())
+    kept = sum(densities[n] * sizes[n] for n in densities)
+    share = (target - kept) / sum(sizes[n] for n in free)
+    first_note = "" if names[0] in fixed else f" (with the first, {names[0]!r}, kept dense by uniform)"
+    if share <= 0:
+        raise ValueError(
+            f"The per_layer sparsities{first_note} keep {kept:.0f} weights active, more than the "
+            f"{target:.0f} that sparsity={sparsity:g} allows in total; lower them or raise sparsity."
+        )
+    if share > 1.0 + 1e-12:
+        raise ValueError(
+            f"The per_layer sparsities{first_note} leave fewer weights active than sparsity={sparsity:g} "
+            "asks for, even with every other layer dense; lower the per_layer sparsities or raise sparsity."
+        )
+    densities.update({n: min(1.0, share) for n in free})
+    return {n: densities[n] for n in names}
 
 
 def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True):
@@ -96,14 +142,14 @@ def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True):
         kernel: ERK (True) or ER (False).
     """
     fixed = dict(fixed_densities or {})
-    sizes = {name: math.prod(int(d) for d in shape) for name, shape in shapes.items()}
+    sizes = _sizes(shapes)
     target_active = (1.0 - sparsity) * sum(sizes.values())
     free = [n for n in shapes if n not in fixed]
     remaining = target_active - sum(fixed[n] * sizes[n] for n in fixed)
     if free and remaining <= 0:
         raise ValueError(
             f"The per_layer sparsities keep {target_active - remaining:.0f} weights active, more than "
-            f"the {target_active:.0f} that sparsity={sparsity} allows in total; lower them or raise sparsity."
+            f"the {target_active:.0f} that sparsity={sparsity:g} allows in total; lower them or raise sparsity."
         )
     raw = {n: raw_density(shapes[n], "erk" if kernel else "er") for n in free}
     dense = set()

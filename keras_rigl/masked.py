@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 
 import keras
 import numpy as np
@@ -230,22 +231,48 @@ class Masked(keras.layers.Wrapper):
         return {mw.name: keras.ops.convert_to_numpy(mw.mask) for mw in self._masked_weights}
 
     def set_masks(self, masks, zero_weights=True):
-        """Set masks from ``{name: array}``; masked weights are set to 0."""
+        """Set masks from ``{name: array}``; masked weights are set to 0 (unless ``zero_weights=False``).
+
+        Each mask has the weight's shape and holds only 0 and 1 (bool, or
+        numbers that are exactly 0 or 1). Every mask is checked before any is
+        set, so a bad one leaves the layer as it was.
+        """
         by_name = {mw.name: mw for mw in self._masked_weights}
+        if not isinstance(masks, Mapping):
+            example = next(iter(by_name), "kernel")
+            raise ValueError(
+                f"masks must be a dict {{weight name: mask}}, e.g. {{{example!r}: mask}} for layer "
+                f"{self.name!r}; got {type(masks).__name__}."
+            )
         unknown = set(masks) - set(by_name)
         if unknown:
             raise ValueError(f"Unknown masked weight(s) {sorted(unknown)} for layer {self.name!r}; "
                              f"known: {sorted(by_name)}.")
-        for name, value in masks.items():
+        checked = {name: self._checked_mask(name, by_name[name], value) for name, value in masks.items()}
+        for name, value in checked.items():
             mw = by_name[name]
-            value = np.asarray(value)
-            if value.shape != tuple(mw.mask.shape):
-                raise ValueError(f"Mask for {self.name}/{name} has shape {value.shape}, "
-                                 f"expected {tuple(mw.mask.shape)}.")
             mw.mask.assign(value.astype(mw.mask.dtype))
             if zero_weights:
                 w = keras.ops.convert_to_numpy(mw.weight)
-                mw.weight.assign(np.where(value != 0, w, 0).astype(w.dtype))
+                mw.weight.assign(np.where(value, w, 0).astype(w.dtype))
+
+    def _checked_mask(self, name, mw, value):
+        """``value`` as a bool array, or a one-line ValueError: masks are 0/1 of the weight's shape."""
+        value = np.asarray(value)
+        if value.shape != tuple(mw.mask.shape):
+            raise ValueError(f"Mask for {self.name}/{name} has shape {value.shape}, "
+                             f"expected {tuple(mw.mask.shape)}.")
+        if value.dtype == bool:
+            return value
+        numeric = np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)
+        bad = value[(value != 0) & (value != 1)] if numeric else value.reshape(-1)
+        if bad.size:
+            raise ValueError(
+                f"Mask for {self.name}/{name} must hold only 0 and 1 (or False/True), got "
+                f"{np.unique(bad)[:3].tolist()} (dtype {value.dtype}); pass e.g. (scores > threshold) "
+                "or a 0/1 array."
+            )
+        return value != 0
 
     # ---------------------------------------------------------- serialization
     def get_config(self):

@@ -4,19 +4,19 @@
 them such as ``keras.applications`` backbones), wraps every maskable layer in
 :class:`~keras_rigl.Masked`, copies the existing weights, and draws masks with
 the requested per-layer distribution. ``initialize_masks`` does the last step
-alone, for models (e.g. subclassed ones) that hold ``Masked`` layers already.
+alone, for models (e.g. subclassed ones) that hold ``Masked`` layers already;
+``masks_from_weights`` takes the masks from weights pruned elsewhere.
 ``strip`` gives back a plain Keras model with the masked weights at 0.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import keras
 import numpy as np
 
-from keras_rigl import distributions, maskable
+from keras_rigl import _compat, distributions, maskable, validation
 from keras_rigl.masked import Masked
 
 MASK_INITS = ("random", "magnitude")
@@ -26,10 +26,10 @@ def masked_layers(model):
     """All :class:`Masked` layers of ``model``, nested models included, in order."""
     if isinstance(model, Masked):
         return [model]
-    return [layer for layer in _all_layers(model) if isinstance(layer, Masked)]
+    return [layer for layer in all_layers(model) if isinstance(layer, Masked)]
 
 
-def _all_layers(model):
+def all_layers(model):
     """Every layer of ``model`` (recursively into nested models), each once, in order."""
     out = []
     seen = set()
@@ -58,7 +58,7 @@ def check_built(model):
             f"Expected a keras.Model, got {type(model).__name__}; wrap layers in a keras.Model "
             "(or load a saved model with keras.models.load_model first)."
         )
-    unbuilt = [layer.name for layer in _all_layers(model) if not layer.built]
+    unbuilt = [layer.name for layer in all_layers(model) if not layer.built]
     if not model.built or unbuilt:
         what = f"Layers {unbuilt[:5]} of model {model.name!r} are" if unbuilt else f"Model {model.name!r} is"
         raise ValueError(
@@ -68,10 +68,13 @@ def check_built(model):
         )
 
 
-def _is_graph_model(model):
-    from keras.src.models.functional import Functional
-
-    return isinstance(model, (keras.Sequential, Functional))
+def _check_mask_arguments(sparsity, distribution, per_layer, mask_init, seed):
+    """The checks shared by :func:`sparsify` and :func:`initialize_masks`, before any work is done."""
+    validation.check_sparsity(sparsity)
+    validation.check_choice("distribution", distribution, distributions.DISTRIBUTIONS)
+    validation.check_per_layer(per_layer)
+    validation.check_choice("mask_init", mask_init, MASK_INITS)
+    validation.check_seed(seed)
 
 
 def _exclusion_predicate(model, exclude):
@@ -80,7 +83,7 @@ def _exclusion_predicate(model, exclude):
     if callable(exclude):
         return exclude
     names = {exclude} if isinstance(exclude, str) else set(exclude)
-    known = {layer.name for layer in _all_layers(model)}
+    known = {layer.name for layer in all_layers(model)}
     unknown = names - known
     if unknown:
         raise ValueError(
@@ -115,7 +118,9 @@ def sparsify(
         exclude: layer names (str or list) or a predicate ``layer -> bool``;
             those layers stay dense and unwrapped.
         per_layer: ``{layer name: sparsity}`` (or ``"layer/weight"`` for one
-            weight of a multi-weight layer such as LSTM) fixed for those.
+            weight of a multi-weight layer such as LSTM) fixed for those; the
+            other weights make up the difference so that the total is
+            ``sparsity`` (see :func:`keras_rigl.layer_densities`).
         mask_init: ``"random"`` (uniform at random, the sparse-from-scratch
             path) or ``"magnitude"`` (keep the largest |w|: the path for
             pretrained weights).
@@ -126,20 +131,14 @@ def sparsify(
     Returns:
         A new model. The input model is not modified.
     """
-    distributions.check_sparsity(sparsity)
-    if distribution not in distributions.DISTRIBUTIONS:
-        raise ValueError(
-            f"Unknown distribution {distribution!r}; use one of {', '.join(distributions.DISTRIBUTIONS)}."
-        )
-    if mask_init not in MASK_INITS:
-        raise ValueError(f"Unknown mask_init {mask_init!r}; use 'random' or 'magnitude'.")
+    _check_mask_arguments(sparsity, distribution, per_layer, mask_init, seed)
     check_built(model)
     if masked_layers(model):
         raise ValueError(
             f"Model {model.name!r} already has Masked layers; call keras_rigl.initialize_masks(model, ...) "
             "to redraw its masks, or keras_rigl.strip(model) first."
         )
-    if not _is_graph_model(model):
+    if not _compat.is_graph_model(model):
         raise ValueError(
             f"Model {model.name!r} is a subclassed model ({type(model).__name__}), which Keras cannot "
             "clone. Wrap its layers with keras_rigl.Masked(...) where you create them in __init__, "
@@ -185,7 +184,7 @@ def sparsify(
 
 
 def _copy_weights(clone, originals):
-    for layer in _all_layers(clone):
+    for layer in all_layers(clone):
         target = layer.layer if isinstance(layer, Masked) else layer
         source = originals.get(id(target))
         if source is None or isinstance(source, keras.Model):
@@ -240,9 +239,7 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
 
     Returns ``{"layer/weight": density}``.
     """
-    distributions.check_sparsity(sparsity)
-    if mask_init not in MASK_INITS:
-        raise ValueError(f"Unknown mask_init {mask_init!r}; use 'random' or 'magnitude'.")
+    _check_mask_arguments(sparsity, distribution, per_layer, mask_init, seed)
     check_built(model)
     layers = masked_layers(model)
     if not layers:
@@ -261,6 +258,26 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
         w = keras.ops.convert_to_numpy(mw.weight)
         mask = _draw_mask(w, counts[key], mask_init, np.random.default_rng(rng.integers(2**63)))
         layer.set_masks({mw.name: mask})
+    return densities
+
+
+def masks_from_weights(model):
+    """Set every mask of ``model`` to ``weight != 0``: the masks of a model pruned elsewhere (e.g. by TFMOT).
+
+    Weights are left as they are. Returns ``{"layer/weight": density}``.
+    """
+    layers = masked_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model {getattr(model, 'name', model)!r} has no Masked layer. Wrap it first with "
+            "keras_rigl.sparsify(model, ...) (any sparsity: the masks are replaced)."
+        )
+    densities = {}
+    for layer in layers:
+        masks = {mw.name: keras.ops.convert_to_numpy(mw.weight) != 0 for mw in layer.masked_weights}
+        layer.set_masks(masks, zero_weights=False)
+        for name, mask in masks.items():
+            densities[f"{layer.layer.name}/{name}"] = float(mask.mean()) if mask.size else 1.0
     return densities
 
 
@@ -301,7 +318,7 @@ def strip(model):
     check_built(model)
     if not masked_layers(model):
         return model
-    if not _is_graph_model(model):
+    if not _compat.is_graph_model(model):
         raise ValueError(
             f"Model {model.name!r} is a subclassed model, which Keras cannot clone; strip its "
             "Masked layers yourself (their `.layer`, with weights multiplied by the masks)."
@@ -326,7 +343,7 @@ def strip(model):
     clone = keras.models.clone_model(
         model, clone_function=clone_layer, call_function=call_function, recursive=True
     )
-    for layer in _all_layers(clone):
+    for layer in all_layers(clone):
         source = sources.get(id(layer))
         if source is None or isinstance(source, keras.Model):
             continue
@@ -344,6 +361,3 @@ def strip(model):
             layer.set_weights(weights)
     return clone
 
-
-def density_of(mask):
-    return float(np.count_nonzero(mask)) / max(1, math.prod(mask.shape))

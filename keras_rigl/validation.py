@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 
 def check_int(name, value, minimum=None, maximum=None, hint=""):
@@ -64,6 +65,23 @@ def check_bool(name, value):
     if not isinstance(value, (bool,)) and not (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "b"):
         raise ValueError(f"{name} must be True or False, got {value!r}.")
     return bool(value)
+
+
+def check_per_layer(value, name="per_layer"):
+    """``None`` or a mapping ``{layer or "layer/weight" name: sparsity}``; returns a plain dict."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        example = next((v for v in value if isinstance(v, str)), "dense") if isinstance(value, (list, tuple, set)) else "dense"
+        raise ValueError(
+            f"{name} must be a dict of {{layer name: sparsity}}, e.g. {{{example!r}: 0.5}}; "
+            f"got {type(value).__name__} {value!r}."
+        )
+    for key, sparsity in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{name} keys must be layer names (str), e.g. {{'dense': 0.5}}; got {key!r}.")
+        check_sparsity(sparsity, f"{name}[{key!r}]")
+    return dict(value)
 
 
 def _bounds(minimum, maximum):

@@ -20,7 +20,7 @@ Methods (``--methods``):
 
 Grid: methods x ``--sparsities`` x ``--seeds`` x ``--multipliers`` (dense runs
 once per seed and multiplier). Training FLOPs follow the paper's accounting
-(``keras_rigl.training_flops``; pruning is charged as dense throughout).
+(``keras_rigl.counting``; pruning is charged as dense throughout).
 
 Output in ``--out``: ``results.csv`` (one row per run, written after each run
 with a temp file + ``os.replace``, keyed by a run id made of the data, model, epochs,

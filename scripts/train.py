@@ -8,7 +8,7 @@
 
 Prints the per-layer sparsity report, held-out accuracy, training and
 inference FLOPs against dense (the RigL paper's accounting, see
-``keras_rigl.training_flops``), and writes into ``<out>/<run>/`` (``--out``
+``keras_rigl.counting``), and writes into ``<out>/<run>/`` (``--out``
 defaults to ``runs/``, which git ignores; an existing run folder is replaced only
 with ``--overwrite``, and then only once the new run is complete):
 ``model.keras``, ``model.tflite`` (sparse), ``steps.csv`` (per-step logs:

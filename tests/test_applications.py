@@ -18,13 +18,23 @@ def test_sparsify_keras_applications(name, rng, tmp_path):
     model = APPS[name]()
     sparse = keras_rigl.sparsify(model, 0.9, distribution="erk", seed=0)
     report = keras_rigl.sparsity_report(sparse)
-    convs = [l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))
+    convs = [l.name for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))
              and not isinstance(l, keras.layers.DepthwiseConv2D)]
-    assert len(report) == len(convs)
-    assert report.attrs["sparsity"] == pytest.approx(0.9, abs=1e-3)
-    assert report["dense_flops"].notna().all()
-    x = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    depthwise = [l.name for l in model.layers if isinstance(l, keras.layers.DepthwiseConv2D)]
+    assert list(report.loc[report["masked"], "layer"]) == convs
+    # depthwise kernels stay dense (the default) and are listed as such
+    assert list(report.loc[~report["masked"], "layer"]) == depthwise
+    assert (report.loc[~report["masked"], "active"] == report.loc[~report["masked"], "params"]).all()
+    assert report.attrs["masked_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    kernels = [v for l in model.layers for v in (getattr(l, "kernel", None), getattr(l, "depthwise_kernel", None)) if v is not None]
+    assert report.attrs["params"] == sum(int(np.prod(v.shape)) for v in kernels)
+    # the totals are the stripped model's non-zero kernel entries (glorot init: no exact zeros)
     plain = keras_rigl.strip(sparse)
+    plain_kernels = [v for l in plain.layers for v in (getattr(l, "kernel", None),) if v is not None]
+    assert report.attrs["active"] == sum(int(np.count_nonzero(keras.ops.convert_to_numpy(v))) for v in plain_kernels)
+    assert report["dense_flops"].notna().all()
+    assert report.attrs["dense_flops"] == keras_rigl.model_flops(sparse).dense
+    x = rng.normal(size=(2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(plain(x), sparse(x), atol=1e-5)
     if name == "mobilenet_v2":
         sparse.save(tmp_path / "m.keras")

@@ -60,6 +60,53 @@ def test_errors_name_the_fix():
         distributions.layer_densities(SHAPES, 0.99, per_layer={"dense/kernel": 0.0})
 
 
+# uniform with per_layer: 36 (first, dense) + 1440 + 100 + 200 = 1776 weights
+SHAPES4 = {"first/kernel": (3, 3, 1, 4), "mid/kernel": (144, 10), "a/kernel": (10, 10), "b/kernel": (20, 10)}
+
+
+def test_uniform_per_layer_others_share_the_remainder_equally():
+    d = distributions.layer_densities(SHAPES4, 0.9, "uniform", per_layer={"mid/kernel": 0.95})
+    # target 0.1 * 1776 = 177.6 active; first dense 36, mid 0.05 * 1440 = 72; a and b share 69.6 of 300
+    assert d["first/kernel"] == 1.0
+    assert d["mid/kernel"] == pytest.approx(0.05)
+    assert d["a/kernel"] == pytest.approx(0.232) and d["b/kernel"] == pytest.approx(0.232)
+    sizes = {"first/kernel": 36, "mid/kernel": 1440, "a/kernel": 100, "b/kernel": 200}
+    assert sum(d[n] * sizes[n] for n in sizes) == pytest.approx(177.6)
+    # fixing the first layer too: the first is no longer kept dense
+    d = distributions.layer_densities(SHAPES4, 0.9, "uniform", per_layer={"first/kernel": 0.5, "mid/kernel": 0.95})
+    assert d["first/kernel"] == 0.5
+    assert d["a/kernel"] == pytest.approx((177.6 - 18 - 72) / 300)
+
+
+def test_uniform_per_layer_refuses_what_the_others_cannot_make_up():
+    with pytest.raises(ValueError, match="more than the 178 that sparsity=0.9 allows"):
+        distributions.layer_densities(SHAPES4, 0.9, "uniform", per_layer={"mid/kernel": 0.5})
+    with pytest.raises(ValueError, match="even with every other layer dense"):
+        distributions.layer_densities(SHAPES4, 0.2, "uniform", per_layer={"mid/kernel": 0.99})
+
+
+@pytest.mark.parametrize("distribution", ["erk", "er", "uniform"])
+def test_per_layer_for_every_weight_must_agree_with_sparsity(distribution):
+    both = {"conv/kernel": 0.5, "dense/kernel": 0.5}
+    with pytest.raises(ValueError, match=r"overall sparsity of 0.5, not sparsity=0.9.*sparsity=0.5"):
+        distributions.layer_densities(SHAPES, 0.9, distribution, per_layer=both)
+    d = distributions.layer_densities(SHAPES, 0.5, distribution, per_layer=both)
+    assert d == {"conv/kernel": 0.5, "dense/kernel": 0.5}
+
+
+def test_uniform_per_layer_for_every_weight_but_the_first_must_agree_with_sparsity():
+    # the first stays dense: 36 + 0.1 * 1440 = 180 of 1476 active, sparsity 0.878
+    with pytest.raises(ValueError, match=r"first.*dense.*overall sparsity of 0.878, not sparsity=0.9"):
+        distributions.layer_densities(SHAPES, 0.9, "uniform", per_layer={"dense/kernel": 0.9})
+
+
+def test_per_layer_must_be_a_dict():
+    with pytest.raises(ValueError, match=r"per_layer must be a dict.*\{'conv/kernel': 0.5\}"):
+        distributions.layer_densities(SHAPES, 0.5, per_layer=["conv/kernel"])
+    with pytest.raises(ValueError, match=r"per_layer\['conv/kernel'\] must be a number in \[0, 1\)"):
+        distributions.layer_densities(SHAPES, 0.5, per_layer={"conv/kernel": "half"})
+
+
 shape_st = st.lists(st.integers(1, 40), min_size=1, max_size=4).map(tuple)
 
 
@@ -81,3 +128,11 @@ def test_er_erk_total_active_equals_target(shapes, sparsity, dist):
         for b in named:
             if raws[a] > raws[b]:
                 assert d[a] >= d[b] - 1e-12
+
+
+def test_uniform_refuses_a_single_weight_it_would_keep_dense():
+    with pytest.raises(ValueError, match=r"only masked weight.*distribution='erk'.*per_layer=\{'dense/kernel': 0.9\}"):
+        distributions.layer_densities({"dense/kernel": (144, 10)}, 0.9, "uniform")
+    assert distributions.layer_densities({"dense/kernel": (144, 10)}, 0.0, "uniform") == {"dense/kernel": 1.0}
+    fixed = distributions.layer_densities({"dense/kernel": (144, 10)}, 0.9, "uniform", per_layer={"dense/kernel": 0.9})
+    assert fixed == {"dense/kernel": pytest.approx(0.1)}

@@ -82,19 +82,72 @@ def test_masked_weights_stay_exactly_zero_through_training(optimizer, rng):
         "adagrad": lambda: keras.optimizers.Adagrad(0.1),
         "lion": lambda: keras.optimizers.Lion(0.01),
     }[optimizer]()
-    base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)])
     model = keras_rigl.sparsify(base, 0.7, seed=0)
     model.compile(opt, "mse")
     x, y = rng.normal(size=(64, 6)), rng.normal(size=(64, 3))
-    before = {mw.path: keras.ops.convert_to_numpy(mw.mask).copy() for l in keras_rigl.masked_layers(model) for mw in l.masked_weights}
-    model.fit(x, y, epochs=3, batch_size=16, verbose=0)
-    for layer in keras_rigl.masked_layers(model):
-        for mw in layer.masked_weights:
-            w = keras.ops.convert_to_numpy(mw.weight)
-            mask = keras.ops.convert_to_numpy(mw.mask)
-            np.testing.assert_array_equal(mask, before[mw.path])
-            assert np.all(w[mask == 0] == 0.0)
-            assert np.count_nonzero(w[mask == 1]) == mask.sum()  # active weights did train
+    masked = [mw for layer in keras_rigl.masked_layers(model) for mw in layer.masked_weights]
+    masks_before = {mw.path: keras.ops.convert_to_numpy(mw.mask).copy() for mw in masked}
+    weights_before = {mw.path: keras.ops.convert_to_numpy(mw.weight).copy() for mw in masked}
+    moved = {mw.path: np.zeros(mw.weight.shape, bool) for mw in masked}
+
+    class RecordMoves(keras.callbacks.Callback):  # Lion's ±lr steps can come back to the start: look at every step
+        def on_train_batch_end(self, batch, logs=None):
+            for mw in masked:
+                moved[mw.path] |= keras.ops.convert_to_numpy(mw.weight) != weights_before[mw.path]
+
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[RecordMoves()])
+    first, second = (keras.ops.convert_to_numpy(mw.mask) != 0 for mw in masked)
+    # A hidden unit whose outgoing weights are all masked passes no gradient back: its incoming
+    # weights cannot train (except under AdamW's decoupled weight decay). Every other active weight must.
+    reaches_output = second.any(axis=1)
+    can_train = [first & (reaches_output[None, :] | (optimizer == "adamw")), second]
+    for mw, expected_changed in zip(masked, can_train):
+        w = keras.ops.convert_to_numpy(mw.weight)
+        mask = keras.ops.convert_to_numpy(mw.mask)
+        np.testing.assert_array_equal(mask, masks_before[mw.path])
+        assert np.all(w[mask == 0] == 0.0)  # masked: exactly 0, not merely small
+        assert expected_changed.sum() > 0.5 * mask.sum()
+        # active weights did train: exactly those with a gradient moved from their initial value
+        np.testing.assert_array_equal(moved[mw.path], expected_changed)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.full((4, 3), 0.5), np.full((4, 3), np.nan), np.full((4, 3), 2), np.full((4, 3), -1.0), np.full((4, 3), "1")],
+    ids=["half", "nan", "two", "minus_one", "strings"],
+)
+def test_set_masks_refuses_anything_but_zeros_and_ones(bad):
+    model = keras_rigl.sparsify(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]), 0.5, seed=0)
+    layer = keras_rigl.masked_layers(model)[0]
+    before = layer.get_masks()["kernel"].copy()
+    weight_before = keras.ops.convert_to_numpy(layer.layer.kernel).copy()
+    with pytest.raises(ValueError, match=r"^Mask for masked_dense/kernel must hold only 0 and 1 \(or False/True\)") as err:
+        layer.set_masks({"kernel": bad})
+    assert "\n" not in str(err.value)
+    np.testing.assert_array_equal(layer.get_masks()["kernel"], before)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.layer.kernel), weight_before)
+    assert keras_rigl.sparsity_report(model)["sparsity"][0] == pytest.approx(0.5)
+
+
+def test_set_masks_takes_bool_and_numeric_zero_one_and_checks_all_before_setting_any():
+    model = keras_rigl.sparsify(keras.Sequential([keras.Input((3, 2)), keras.layers.SimpleRNN(2)]), 0.5, seed=0)
+    layer = keras_rigl.masked_layers(model)[0]
+    names = [mw.name for mw in layer.masked_weights]  # kernel (2, 2), recurrent_kernel (2, 2)
+    pattern = np.array([[1, 0], [0, 1]])
+    for value in (pattern.astype(bool), pattern.astype("int64"), pattern.astype("float16")):
+        layer.set_masks({names[0]: value})
+        np.testing.assert_array_equal(layer.get_masks()[names[0]], pattern)
+    before = layer.get_masks()
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        layer.set_masks({names[0]: 1 - pattern, names[1]: np.full((2, 2), 0.5)})
+    for name in names:  # the good mask was not applied either
+        np.testing.assert_array_equal(layer.get_masks()[name], before[name])
+    with pytest.raises(ValueError, match=r"shape \(3, 2\), expected \(2, 2\)"):
+        layer.set_masks({names[0]: np.ones((3, 2))})
+    with pytest.raises(ValueError, match=r"masks must be a dict .*\{'simple_rnn_cell/kernel': mask\}"):
+        layer.set_masks(np.ones((2, 2)))
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])

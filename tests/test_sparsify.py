@@ -47,6 +47,13 @@ def test_sparsify_invariants_and_exact_counts(cnn):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), dense_weights[v.path])
 
 
+def test_numpy_scalars_are_accepted(cnn):
+    a = _masks(keras_rigl.sparsify(cnn, np.float64(0.8), per_layer={"conv": np.float32(0.5)}, seed=np.int64(3)))
+    b = _masks(keras_rigl.sparsify(cnn, 0.8, per_layer={"conv": 0.5}, seed=3))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_seed_makes_masks_reproducible(cnn):
     a, b, c = (keras_rigl.sparsify(cnn, 0.8, seed=s) for s in (3, 3, 4))
     for k in _masks(a):
@@ -85,6 +92,20 @@ def test_exclude_and_per_layer(cnn):
     masks = _masks(sparse)
     assert masks["conv/kernel"].sum() == 27
     assert masks["dense/kernel"].sum() == round(0.1 * 1476 - 27)
+
+
+def test_per_layer_with_uniform_makes_the_total_match_the_target():
+    inp = keras.Input((4,))
+    x = inp
+    for name, units in (("d1", 30), ("d2", 30), ("d3", 30), ("d4", 10)):  # kernels 120, 900, 900, 300
+        x = keras.layers.Dense(units, name=name)(x)
+    model = keras.Model(inp, x)
+    sparse = keras_rigl.sparsify(model, 0.9, distribution="uniform", per_layer={"d2": 0.95}, seed=0)
+    masks = _masks(sparse)
+    # target 0.1 * 2220 = 222 active: d1 dense (120), d2 0.05 * 900 = 45, d3 and d4 share 57 of 1200
+    assert masks["d1/kernel"].sum() == 120 and masks["d2/kernel"].sum() == 45
+    assert masks["d3/kernel"].sum() + masks["d4/kernel"].sum() == 57
+    assert keras_rigl.count_active(sparse) == (222, 2220)
 
 
 def test_uniform_first_layer_dense(cnn):
@@ -187,6 +208,14 @@ def test_errors_name_the_fix(cnn):
         keras_rigl.sparsify(cnn, 0.5, per_layer={"nope": 0.5})
     with pytest.raises(ValueError, match="mask_init"):
         keras_rigl.sparsify(cnn, 0.5, mask_init="lottery")
+    with pytest.raises(ValueError, match=r"per_layer must be a dict.*\{'conv': 0.5\}"):
+        keras_rigl.sparsify(cnn, 0.5, per_layer=["conv"])
+    with pytest.raises(ValueError, match=r"per_layer must be a dict.*\{'conv': 0.5\}"):
+        keras_rigl.initialize_masks(keras_rigl.sparsify(cnn, 0.5), 0.5, per_layer=["conv"])
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0 \(or None\), got 'abc'"):
+        keras_rigl.sparsify(cnn, 0.5, seed="abc")
+    with pytest.raises(ValueError, match=r"sparsity must be a number"):
+        keras_rigl.sparsify(cnn, float("nan"))
     no_kernel = keras.Sequential([keras.Input((4,)), keras.layers.ReLU()])
     with pytest.raises(ValueError, match="no maskable layer"):
         keras_rigl.sparsify(no_kernel, 0.5)
