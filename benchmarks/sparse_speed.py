@@ -21,7 +21,7 @@ block masks; opt-in via ``--models``).
 
 Dense = the pruned model converted normally; sparse = the same weights
 converted with ``Optimize.EXPERIMENTAL_SPARSITY`` (and, for the CNNs, rewritten
-with ``keras_rigl.xnnpack.rewrite_for_xnnpack_sparse`` - applied to both files
+with ``keras_rigl.tflite.rewrite_for_xnnpack_sparse`` - applied to both files
 so they compute the same function).  Timing: warm-up, then ``--repeats``
 rounds that alternate dense and sparse; each round times ``inner`` invokes;
 min and median per invoke are reported.
@@ -298,7 +298,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import pandas as pd
     sys.path.insert(0, ROOT)
-    from keras_rigl.xnnpack import rewrite_for_xnnpack_sparse, xnnpack_sparse_report
+    from keras_rigl.tflite import rewrite_for_xnnpack_sparse, xnnpack_sparse_report
 
     sps = a.sparsities or (QUICK_SPARSITIES if a.quick else FULL_SPARSITIES)
     repeats = a.repeats or (5 if a.quick else 11)

@@ -81,10 +81,10 @@ def sparse_path_verdict(cpu: dict) -> str:
                     "(xnn_is_chw_compatible_config), so DENSIFY'd sparse weights are expanded at load time "
                     "and run with the same dense kernels as the dense model.")
         return ("POSSIBLY - x86 without AVX: XNNPACK's SSE SpMM kernels may be used if the graph meets its "
-                "NCHW rules (see keras_rigl.xnnpack.xnnpack_sparse_report).")
+                "NCHW rules (see keras_rigl.tflite.xnnpack_sparse_report).")
     if m in ("aarch64", "arm64") or m.startswith("arm"):
         return ("POSSIBLY - ARM: XNNPACK's sparse path is enabled on this architecture, but only for graphs "
-                "that meet its NCHW rules (see keras_rigl.xnnpack.xnnpack_sparse_report); the plain export "
+                "that meet its NCHW rules (see keras_rigl.tflite.xnnpack_sparse_report); the plain export "
                 "usually does not (TF-SAME padding on stride-2 layers).")
     return "UNKNOWN architecture " + cpu["machine"]
 
@@ -93,7 +93,7 @@ def build_models(args) -> dict:
     import keras
 
     import keras_rigl
-    from keras_rigl.tflite_export import export_tflite
+    from keras_rigl.tflite.export import export_tflite
 
     os.makedirs(CACHE, exist_ok=True)
     app = keras.applications.MobileNetV2 if args.version == "v2" else keras.applications.MobileNet
@@ -132,7 +132,7 @@ def build_models(args) -> dict:
 
 
 def run(args) -> dict:
-    from keras_rigl.tflite_runtime import TFLiteRunner, interpreter_backend
+    from keras_rigl.tflite.runtime import TFLiteRunner, interpreter_backend
 
     cpu = cpu_info()
     built = build_models(args)

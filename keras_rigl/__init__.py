@@ -14,9 +14,13 @@ from keras_rigl.sparsify import (
     sparsify,
     strip,
 )
-from keras_rigl.tflite_export import export_saved_model, export_tflite
-from keras_rigl.tflite_report import tflite_weight_report
-from keras_rigl.tflite_runtime import tflite_predict
+from keras_rigl.tflite import (
+    export_saved_model,
+    export_tflite,
+    tflite_parity,
+    tflite_predict,
+    tflite_weight_report,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +42,7 @@ __all__ = [
     "export_tflite",
     "export_saved_model",
     "tflite_predict",
+    "tflite_parity",
     "tflite_weight_report",
     "model_flops",
     "training_flops_summary",

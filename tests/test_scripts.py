@@ -455,7 +455,10 @@ def test_help_shows_defaults_and_quiet_keeps_the_result(tmp_path, capsys):
     train.main(FAST + ["--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
     assert "Held-out accuracy" in out and "Training FLOPs" in out
-    assert "Per-layer sparsity" not in out  # quiet: no table, no Keras progress
+    assert "Per-kernel sparsity" not in out  # quiet: no table, no Keras progress
+    train.main(FAST + ["--out", str(tmp_path), "--run-name", "loud"])
+    loud = capsys.readouterr().out
+    assert "Per-kernel sparsity" in loud and "Held-out accuracy" in loud and "loss:" in loud
 
 
 def test_npz_errors_exit_2(tmp_path, capsys, no_training):

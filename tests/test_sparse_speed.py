@@ -4,12 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np
-import pytest
-
-pytest.importorskip("tensorflow")
-pytest.importorskip("ai_edge_litert")
-pd = pytest.importorskip("pandas")
+import ai_edge_litert  # noqa: E402,F401  (a test requirement: the host engines run on LiteRT)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "sparse_speed.py")

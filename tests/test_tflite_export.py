@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 
 import keras_rigl
-from keras_rigl.tflite_export import export_saved_model, export_tflite
-from keras_rigl.tflite_report import read_tflite_model, tflite_tensor_values
-from keras_rigl.tflite_runtime import tflite_predict
+from keras_rigl._compat import inbound_nodes
+from keras_rigl.tflite import (
+    export_saved_model,
+    export_tflite,
+    read_tflite_model,
+    tflite_predict,
+    tflite_tensor_values,
+)
 
 PARITY_ATOL = 1e-4
 
@@ -120,7 +125,7 @@ def _bn_after(model):
     out = {}
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            parent = layer._inbound_nodes[0].parent_nodes[0].operation
+            parent = inbound_nodes(layer)[0].parent_nodes[0].operation
             out[id(parent)] = layer
     return out
 
@@ -187,18 +192,57 @@ def _small(rng, input_shape=(12, 12, 3)):
     return _sparsify(model, 0.85, distribution="uniform")
 
 
-@pytest.mark.parametrize("quantize,dtype", [("dynamic", "int8"), ("float16", "float16")])
-def test_quantized_exports_keep_sparsity(quantize, dtype, tmp_path):
+def _magnitude_outputs(model, x):
+    """|W_L| ... |W_1| |x| (+ |b| terms): the stripped model with |weights| and no activations, on |x|.
+
+    Bounds how far per-weight relative errors can move the outputs: a weight
+    error of at most r|w| in every layer of a ReLU / pooling network moves the
+    outputs by at most ((1 + r)^L - 1) times this (ReLU and averaging are
+    1-Lipschitz and positive-homogeneous).
+    """
+    plain = keras_rigl.strip(model)
+
+    def linear(layer):
+        config = layer.get_config()
+        if "activation" in config:
+            config["activation"] = "linear"
+        return layer.__class__.from_config(config)
+
+    magnitude = keras.models.clone_model(plain, clone_function=linear)
+    magnitude.set_weights([np.abs(w) for w in plain.get_weights()])
+    return magnitude.predict(np.abs(x), verbose=0)
+
+
+def _exported_small(quantize, tmp_path):
     rng = np.random.default_rng(5)
     model = _small(rng)
     path = str(tmp_path / f"{quantize}.tflite")
     info = export_tflite(model, path, quantize=quantize)
     assert info.attrs["quantize"] == quantize
-    big = info[(info["role"] == "weight") & (info["size"] >= 1024)]
-    assert len(big) and (big["dtype"] == dtype).all() and (big["format"] == "sparse").all()
     x = rng.random((6, 12, 12, 3)).astype("float32")
-    ref = model.predict(x, verbose=0)
-    got = tflite_predict(path, x, use_xnnpack=False)
+    return model, info, x, model.predict(x, verbose=0), tflite_predict(path, x, use_xnnpack=False)
+
+
+def test_float16_export_keeps_sparsity_within_half_precision_error(tmp_path):
+    model, info, x, ref, got = _exported_small("float16", tmp_path)
+    big = info[(info["role"] == "weight") & (info["size"] >= 1024)]
+    assert len(big) and (big["dtype"] == "float16").all() and (big["format"] == "sparse").all()
+    # float16 weights, float32 compute: each weight and bias is rounded to half precision, a relative
+    # error of at most u = 2^-11 (round to nearest, 10 stored mantissa bits), over L = 3 weight layers
+    # (conv 3x3, conv 1x1, dense); plus float32 summation, at most n * 2^-24 per layer (n <= 64 terms).
+    depth, u = 3, 2.0 ** -11
+    bound = ((1 + u) ** depth - 1 + depth * 64 * 2.0 ** -24) * _magnitude_outputs(model, x)
+    err = np.abs(got - ref)
+    assert (err <= bound).all(), float((err / bound).max())
+    assert err.max() > 0  # the weights really were rounded
+
+
+def test_dynamic_range_export_keeps_sparsity(tmp_path):
+    model, info, x, ref, got = _exported_small("dynamic", tmp_path)
+    big = info[(info["role"] == "weight") & (info["size"] >= 1024)]
+    assert len(big) and (big["dtype"] == "int8").all() and (big["format"] == "sparse").all()
+    # Not a derived bound (hybrid kernels also quantize activations per batch at run time): an
+    # empirical 5% of max |y| that a float32 file passes at 1e-6 and a broken decode fails.
     assert np.abs(got - ref).max() < 0.05 * (np.abs(ref).max() + 1e-6)
 
 
@@ -252,7 +296,7 @@ def test_errors_write_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("converter exploded")
 
-    import keras_rigl.tflite_export as te
+    import keras_rigl.tflite.export as te
 
     monkeypatch.setattr(te, "_convert", boom)
     with pytest.raises(RuntimeError, match="exploded"):
@@ -299,9 +343,6 @@ def test_export_saved_model_serving_signature(tmp_path):
 
 
 def test_xnnpack_sparse_target(tmp_path):
-    xnn = pytest.importorskip("keras_rigl.xnnpack")
-    if not hasattr(xnn, "rewrite_for_xnnpack_sparse") or not hasattr(xnn, "xnnpack_sparse_report"):
-        pytest.skip("keras_rigl.xnnpack not complete yet")
     rng = np.random.default_rng(4)
     sparse = _sparsify(_mobilenet(2, 0.35, 32, rng))
     path = str(tmp_path / "x.tflite")
@@ -310,6 +351,19 @@ def test_xnnpack_sparse_target(tmp_path):
     assert hasattr(info.attrs["xnnpack"], "columns")
     x = rng.random((4, 32, 32, 3)).astype("float32")
     assert np.abs(tflite_predict(path, x) - sparse.predict(x, verbose=0)).max() <= PARITY_ATOL
+
+
+def test_xnnpack_target_without_litert_names_the_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # None in sys.modules: import fails
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    path = tmp_path / "x.tflite"
+    with pytest.raises(ImportError) as err:
+        export_tflite(_small(np.random.default_rng(0)), str(path), target="xnnpack_sparse")
+    assert str(err.value) == ("target='xnnpack_sparse' needs the LiteRT interpreter: pip install ai-edge-litert "
+                              "(or export with target=None)")
+    assert not path.exists()
 
 
 def _load_script(name, rel):

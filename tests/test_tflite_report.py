@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_rigl.tflite_export import export_tflite
-from keras_rigl.tflite_report import (
+from keras_rigl.tflite import (
     CONVERTER_MIN_SPARSITY,
     densify_tensor,
+    export_tflite,
     format_report,
     read_tflite_model,
     tflite_tensor_values,

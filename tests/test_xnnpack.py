@@ -1,16 +1,14 @@
-"""Tests for keras_rigl.xnnpack (rewrite for XNNPACK's sparse path + report)."""
+"""Tests for keras_rigl.tflite.xnnpack_rewrite / xnnpack_report (rewrite for XNNPACK's sparse path + report)."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np
-import pytest
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-pytest.importorskip("ai_edge_litert")
-
-from keras_rigl.xnnpack import (  # noqa: E402
+from keras_rigl.tflite import (  # noqa: E402
     rewrite_for_xnnpack_sparse, same_padding, xnnpack_sparse_report)
 
 L = keras.layers

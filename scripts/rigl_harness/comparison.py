@@ -8,7 +8,7 @@ import os
 
 import pandas as pd
 
-from rigl_harness import atomic, library, zoo
+from rigl_harness import atomic, zoo
 from rigl_harness.runner import Config, run
 
 ALL_METHODS = ("dense", "dense_flops", "small_dense", "static", "set", "snfs", "rigl", "prune")
@@ -85,8 +85,8 @@ class Planner:
             dense = zoo.build_model(self.args.model, self.data.input_shape, self.data.num_classes)
             sparse = keras_rigl.sparsify(dense, sparsity, distribution=self.args.distribution, seed=0)
             # RigL's training FLOPs per example seen, at this sparsity (the FLOPs-matched baseline's budget)
-            rigl = library.training_flops_summary(sparse, "rigl", 1, update_freq=self.args.update_freq)
-            params = library.count_nonzero_params(sparse)
+            rigl = keras_rigl.training_flops_summary(sparse, "rigl", 1, update_freq=self.args.update_freq)
+            params = keras_rigl.count_nonzero_params(sparse)
             width = zoo.width_for_params(self.args.model, self.data.input_shape, self.data.num_classes, params)
             self._cache[sparsity] = {"f_sparse": rigl["f_sparse"], "f_dense": rigl["f_dense"],
                                      "rigl_flops_per_example": rigl["train_flops"], "params": params, "width": width}

@@ -4,7 +4,7 @@
 ``tf.lite.Optimize.EXPERIMENTAL_SPARSITY`` so that masked (zero) weights are
 stored in TFLite's sparse format, writes the file atomically and returns a
 per-tensor storage report read back from the written flatbuffer
-(:func:`keras_rigl.tflite_report.tflite_weight_report`).
+(:func:`keras_rigl.tflite.report.tflite_weight_report`).
 
 What the converter does with sparse weights (tensorflow/compiler/mlir/lite/
 transforms/dense_to_sparse.cc): a rank-2/4 constant feeding CONV_2D,
@@ -14,7 +14,7 @@ configuration the consuming kernel supports (1x4 for FULLY_CONNECTED, only
 when the zeros really come in such blocks), it is stored as random-sparsity
 CSR and a DENSIFY op expands it once when the interpreter prepares the
 model.  So the *file* shrinks, but compute stays dense unless a delegate
-(XNNPACK's sparse path, see ``keras_rigl.xnnpack``) uses the sparsity.
+(XNNPACK's sparse path, see ``keras_rigl.tflite.xnnpack``) uses the sparsity.
 Two exceptions, both visible in the returned report:
 
 * a FULLY_CONNECTED weight whose zeros leave almost every 1x4 block empty
@@ -32,11 +32,16 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from typing import Any, Iterable
 
 import numpy as np
+
+from keras_rigl.sparsify import check_built, masked_layers, strip
+from keras_rigl.tflite.report import tflite_weight_report
 
 __all__ = ["export_tflite", "export_saved_model", "QUANTIZE_MODES", "representative_dataset"]
 
@@ -48,12 +53,6 @@ _MAX_REPRESENTATIVE = 200
 # ---------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------
-def _check_model(model) -> None:
-    from keras_rigl.sparsify import check_built
-
-    check_built(model)
-
-
 def _check_quantize(quantize) -> Any:
     if isinstance(quantize, str) and quantize.lower() in ("none", "float32", "fp32"):
         quantize = None
@@ -70,13 +69,12 @@ def _check_target(target) -> Any:
     return target
 
 
-def _check_output_path(path) -> str:
+def _check_output_location(path) -> str:
+    """Absolute ``path`` whose directory exists and is writable (one-line errors otherwise)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{path!r} is a directory; give a file path such as {os.path.join(path, 'model.tflite')!r}")
     if not os.path.isdir(directory):
         raise ValueError(f"cannot write {path!r}: directory {directory!r} does not exist; "
                          f"create it first (os.makedirs({directory!r}, exist_ok=True))")
@@ -84,6 +82,22 @@ def _check_output_path(path) -> str:
         raise ValueError(f"cannot write {path!r}: directory {directory!r} is not writable; "
                          "choose another output path or fix its permissions")
     return path
+
+
+def _check_output_file(path) -> str:
+    path = _check_output_location(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; give a file path such as {os.path.join(path, 'model.tflite')!r}")
+    return path
+
+
+def _check_xnnpack_runtime() -> None:
+    """target='xnnpack_sparse' is checked and run with LiteRT, an optional extra."""
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        raise ImportError("target='xnnpack_sparse' needs the LiteRT interpreter: pip install ai-edge-litert "
+                          "(or export with target=None)") from None
 
 
 # ---------------------------------------------------------------------------
@@ -128,47 +142,51 @@ def _as_samples(data, n_inputs: int) -> Iterable[list[np.ndarray]]:
             yield [np.asarray(item)]
 
 
+def _fit_to_inputs(xs: list[np.ndarray], specs) -> list[np.ndarray]:
+    """float32 arrays with a batch axis, checked against the model's input shapes."""
+    if specs is None:
+        return [np.asarray(x, dtype=np.float32) for x in xs]
+    if len(xs) != len(specs):
+        raise ValueError(f"representative_data gives {len(xs)} input(s) per sample, the model has {len(specs)}")
+    fixed = []
+    for x, (shape, _) in zip(xs, specs):
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == len(shape) - 1:
+            x = x[None]
+        if x.ndim != len(shape) or any(s is not None and s != v for s, v in zip(shape[1:], x.shape[1:])):
+            raise ValueError(f"representative_data sample has shape {x.shape[1:]} per example but the model "
+                             f"input is {tuple(shape[1:])}; resize/reshape the data to the model's input")
+        fixed.append(x)
+    return fixed
+
+
 def representative_dataset(data, model, max_samples: int = _MAX_REPRESENTATIVE):
     """A converter ``representative_dataset`` callable from an array / Dataset / generator.
 
     Checks every sample against the model's input shapes and raises a
-    ``ValueError`` saying what was expected.  Samples are fed one at a time
-    (batch 1), at most ``max_samples`` of them.
+    ``ValueError`` saying what was expected, and refuses NaN / inf values
+    (one of them ruins the calibrated ranges of the whole int8 model).
+    Samples are fed one at a time (batch 1), at most ``max_samples``.
     """
     specs = _input_specs(model)
     samples: list[list[np.ndarray]] = []
     for xs in _as_samples(data, len(specs) if specs else 1):
-        if specs is None:
-            fixed = [np.asarray(x, dtype=np.float32) for x in xs]
-            for i in range(fixed[0].shape[0]):
-                samples.append([f[i:i + 1] for f in fixed])
-            if len(samples) >= max_samples:
-                break
-            continue
-        if len(xs) != len(specs):
-            raise ValueError(f"representative_data gives {len(xs)} input(s) per sample, the model has {len(specs)}")
-        fixed = []
-        for x, (shape, _) in zip(xs, specs):
-            x = np.asarray(x, dtype=np.float32)
-            if x.ndim == len(shape) - 1:
-                x = x[None]
-            if x.ndim != len(shape) or any(s is not None and s != v for s, v in zip(shape[1:], x.shape[1:])):
-                raise ValueError(f"representative_data sample has shape {x.shape[1:]} per example but the model "
-                                 f"input is {tuple(shape[1:])}; resize/reshape the data to the model's input")
-            fixed.append(x)
+        fixed = _fit_to_inputs(xs, specs)
         for i in range(fixed[0].shape[0]):
-            samples.append([f[i:i + 1] for f in fixed])
+            sample = [f[i:i + 1] for f in fixed]
+            if not all(np.isfinite(v).all() for v in sample):
+                raise ValueError(f"representative_data sample {len(samples)} holds NaN or inf values; int8 "
+                                 "calibration needs finite inputs: drop or repair those samples")
+            samples.append(sample)
             if len(samples) >= max_samples:
                 break
         if len(samples) >= max_samples:
             break
-    samples = samples[:max_samples]
     if not samples:
         raise ValueError("representative_data is empty; give at least a few (ideally ~100) real input samples")
 
     def gen():
-        for s in samples:
-            yield s
+        yield from samples
 
     return gen
 
@@ -177,13 +195,7 @@ def representative_dataset(data, model, max_samples: int = _MAX_REPRESENTATIVE):
 # conversion
 # ---------------------------------------------------------------------------
 def _strip(model):
-    try:
-        from keras_rigl.sparsify import masked_layers, strip
-    except ImportError:  # pragma: no cover - foundation missing
-        return model
-    if masked_layers(model):
-        return strip(model)
-    return model
+    return strip(model) if masked_layers(model) else model
 
 
 @contextlib.contextmanager
@@ -233,21 +245,64 @@ def _file_mode(path: str) -> int:
         return 0o666 & ~umask
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or unknowable): leave its file alone
+    return True
+
+
+def _temp_pattern(path: str):
+    return re.compile(r"^\." + re.escape(os.path.basename(path)) + r"\.(\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Delete temp files of earlier writes to ``path`` whose writing process is gone (killed)."""
+    directory, pattern = os.path.dirname(path), _temp_pattern(path)
+    for entry in os.listdir(directory):
+        match = pattern.match(entry)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, entry))
+
+
 def _write_atomic(data: bytes, path: str) -> None:
+    """Write ``path`` through ``.<name>.<pid>-<token>.tmp`` in its directory, fsync, rename.
+
+    A killed write leaves its temp file; the pid in its name lets the next
+    write to the same path recognise it as stale and remove it.
+    """
     directory = os.path.dirname(path)
     mode = _file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    _remove_stale_temps(path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates 0600
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _check_file_matches(data: bytes, quantize) -> Any:
+    """The report of the converted bytes, refusing a file that is not what ``quantize`` asked for."""
+    report = tflite_weight_report(data)
+    got = report.attrs["file_quantize"]
+    if got != quantize:
+        held = {None: "float32", "mixed": "a mix of types"}.get(got, got)
+        raise ValueError(f"asked for quantize={quantize!r} but the converter produced a file holding {held} "
+                         "weights/inputs (nothing was written); check the representative data and the model, "
+                         "or export with the quantize mode the model supports")
+    return report
 
 
 def export_tflite(model, path, quantize=None, representative_data=None, sparse: bool = True, target=None,
@@ -281,17 +336,20 @@ def export_tflite(model, path, quantize=None, representative_data=None, sparse: 
             builtin kernels -- the report says so instead of hiding it.
 
     Returns:
-        A DataFrame (``keras_rigl.tflite_report.TFLiteReport``) with one row
-        per constant tensor read back from the written flatbuffer (see
-        :func:`~keras_rigl.tflite_report.tflite_weight_report`), file totals
-        in ``.attrs["totals"]`` and the export settings in ``.attrs``.
+        A DataFrame (``keras_rigl.tflite.TFLiteReport``) with one row
+        per constant tensor read back from the converted flatbuffer (see
+        :func:`~keras_rigl.tflite.tflite_weight_report`), file totals
+        in ``.attrs["totals"]`` and the export settings in ``.attrs``;
+        ``.attrs["quantize"]`` is read from the file's tensor types, and a
+        conversion that did not give the asked-for types raises
+        ``ValueError`` before anything is written.
     """
-    from keras_rigl.tflite_report import tflite_weight_report
-
     quantize = _check_quantize(quantize)
     target = _check_target(target)
-    _check_model(model)
-    path = _check_output_path(path)
+    check_built(model)
+    path = _check_output_file(path)
+    if target == "xnnpack_sparse":
+        _check_xnnpack_runtime()
     if quantize == "int8" and representative_data is None:
         raise ValueError("quantize='int8' needs representative_data: ~100 real input samples as an array "
                          "(N, ...), a tf.data.Dataset or a generator, to calibrate activation ranges; "
@@ -300,29 +358,26 @@ def export_tflite(model, path, quantize=None, representative_data=None, sparse: 
         raise ValueError(f"representative_data is only used with quantize='int8' (got quantize={quantize!r})")
 
     plain = _strip(model)
-    xnn_info = None
     if target == "xnnpack_sparse":
-        try:
-            from keras_rigl.xnnpack import rewrite_for_xnnpack_sparse
-        except ImportError as e:  # pragma: no cover - depends on the tree
-            raise ImportError("target='xnnpack_sparse' needs keras_rigl.xnnpack, which is not available") from e
+        from keras_rigl.tflite.xnnpack_rewrite import rewrite_for_xnnpack_sparse
+
         plain = rewrite_for_xnnpack_sparse(plain)
     representative = representative_dataset(representative_data, plain) if quantize == "int8" else None
 
     data = _convert(plain, quantize, representative, sparse)
+    report = _check_file_matches(data, quantize)
     _write_atomic(data, path)
 
-    report = tflite_weight_report(path)
-    report.attrs.update({"path": path, "quantize": quantize, "sparse": bool(sparse), "target": target})
+    report.attrs.update({"path": path, "quantize": report.attrs["file_quantize"], "sparse": bool(sparse),
+                         "target": target})
     if check_runtime:
-        from keras_rigl.tflite_runtime import xnnpack_delegate_status
+        from keras_rigl.tflite.runtime import xnnpack_delegate_status
 
         report.attrs["xnnpack_delegate"] = xnnpack_delegate_status(path)
     if target == "xnnpack_sparse":
-        from keras_rigl.xnnpack import xnnpack_sparse_report
+        from keras_rigl.tflite.xnnpack_report import xnnpack_sparse_report
 
-        xnn_info = xnnpack_sparse_report(path)
-        report.attrs["xnnpack"] = xnn_info
+        report.attrs["xnnpack"] = xnnpack_sparse_report(path)
     return report
 
 
@@ -335,15 +390,9 @@ def export_saved_model(model, path):
     ``path`` as it was. An existing SavedModel at ``path`` is replaced; any
     other existing path is an error. Returns the absolute path.
     """
-    _check_model(model)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = os.path.abspath(os.fspath(path))
+    check_built(model)
+    path = _check_output_location(path)
     parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise ValueError(f"cannot write {path!r}: directory {parent!r} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path!r}: directory {parent!r} is not writable")
     if os.path.exists(path) and not (os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb"))):
         raise ValueError(f"{path!r} exists and is not a SavedModel directory; remove it or choose another path")
     plain = _strip(model)

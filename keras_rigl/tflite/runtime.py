@@ -8,6 +8,7 @@ the builtin kernels without the default (XNNPACK) delegate.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Any, Sequence
 
@@ -20,6 +21,19 @@ __all__ = [
     "tflite_predict",
     "TFLiteRunner",
 ]
+
+
+# TFLite's error reporter appends messages without a separator ("... node #2Node number 6 ...");
+# a new message starts where a lower-case letter, digit, '.' or ')' meets a capitalised word.
+_MESSAGE_START = re.compile(r"(?<=[0-9a-z.)])(?=[A-Z][a-z]+ )")
+
+
+def _one_line(error_text: str) -> str:
+    """The interpreter's error messages on one line, each separated by "; "."""
+    parts = []
+    for line in error_text.splitlines():
+        parts.extend(p.strip() for p in _MESSAGE_START.split(line))
+    return "; ".join(p for p in parts if p)
 
 
 def _interpreter_module():
@@ -119,7 +133,7 @@ class TFLiteRunner:
         # e.g. int8 weights stored sparse (dynamic-range or full-integer FC):
         # the XNNPACK delegate refuses the densified int8 filters ("failed to
         # delegate CONV_2D node"). Run on the builtin kernels instead, and say so.
-        self.delegate_error = str(error).strip()
+        self.delegate_error = _one_line(str(error))
         warnings.warn("XNNPACK could not prepare this model, running it without XNNPACK: "
                       + self.delegate_error[:300], RuntimeWarning, stacklevel=4)
         self.interpreter = make_interpreter(self._model, num_threads=self.num_threads, use_xnnpack=False)
@@ -275,4 +289,4 @@ def xnnpack_delegate_status(model: str | os.PathLike | bytes) -> str:
         runner.warmup()
     if runner.delegate_error is None:
         return "ok"
-    return "refused: " + " ".join(runner.delegate_error.split())
+    return "refused: " + runner.delegate_error
