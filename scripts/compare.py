@@ -70,6 +70,8 @@ def _seeds(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integer seeds") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one seed")
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {min(values)}")
     return sorted(set(values))
 
 

@@ -187,6 +187,8 @@ def test_compare_grid_shape():
         (["--multipliers", "0"], "multipliers must be > 0"),
         (["--epochs", "0"], "--epochs"),
         (["--dataset", "nope.npz"], "does not exist"),
+        (["--seeds", "0,-1"], "seeds must be >= 0"),
+        (["--input-scale", "log"], "--input-scale"),
     ],
 )
 def test_compare_bad_flags_fail_before_training(no_training, capsys, tmp_path, argv, message):
@@ -195,6 +197,13 @@ def test_compare_bad_flags_fail_before_training(no_training, capsys, tmp_path, a
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "results.csv")
+
+
+def test_compare_out_that_is_a_file(no_training, capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        compare.main(TINY + ["--methods", "dense", "--out", str(tmp_path / "afile")])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_compare_refuses_a_foreign_csv(tmp_path):

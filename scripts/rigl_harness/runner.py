@@ -236,7 +236,10 @@ def _train_prune(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
     model.set_weights(stripped.get_weights())
     model = keras_rigl.sparsify(model, cfg.sparsity, distribution="uniform", mask_init="magnitude", seed=cfg.seed)
     keras_rigl.masks_from_weights(model)
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    # the optimizer the twin trained with, built, so the saved model.keras loads without an optimizer mismatch
+    model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)
     return model, logger.rows, None
 
 
