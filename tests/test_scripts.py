@@ -532,3 +532,12 @@ def test_compare_outputs_survive_a_failed_rewrite(tmp_path, monkeypatch, broken)
         compare.main(args)
     assert (out / broken).read_bytes() == before
     assert not [f for f in os.listdir(out) if "tmp" in f]
+
+
+def test_compare_keeps_a_diverged_run_out_of_the_summary(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    result = compare.main(TINY + ["--methods", "dense", "--out", str(out), "--no-tflite", "--lr", "1e8"])
+    df = pd.read_csv(out / "results.csv")
+    assert df["status"].tolist() == ["failed"]  # recorded, so a restart does not retrain it
+    assert result["summary"].empty and "(no runs)" in (out / "summary.md").read_text()
+    assert "failed" in capsys.readouterr().out
