@@ -333,9 +333,10 @@ def run(cfg, data=None):
     folder = atomic.RunFolder(cfg.out, run_name, overwrite=cfg.overwrite) if cfg.save else None
     stage = folder.begin() if folder else None
     try:
-        result, report = _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage)
+        result, report = _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage,
+                                            folder.final if folder else None)
         if folder:
-            result["run_dir"] = folder.commit()
+            folder.commit()
     except BaseException:
         if folder:
             folder.abandon()
@@ -345,7 +346,7 @@ def run(cfg, data=None):
     return result
 
 
-def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage):
+def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage, run_dir):
     import keras
 
     import keras_rigl
@@ -398,7 +399,7 @@ def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage):
         "wall_time_s": train_time,
         "tflite_bytes": None,
         "mask_updates": mask_updates,
-        "run_dir": None,
+        "run_dir": run_dir,  # where the staged folder will be swapped in
     }
     if cfg.method in DYNAMIC_METHODS and mask_updates == 0 and not failure:
         result["warning"] = (f"{cfg.method} made no mask update during training (the first update step, "
