@@ -15,9 +15,12 @@ setup(
         "pandas",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "tensorboard", "mlxtend", "scikit-learn", "matplotlib", "ai-edge-litert; platform_system=='Linux'"],
+        # tf_keras pins TensorFlow's minor version (tf_keras 2.21 needs tensorflow 2.21.*): left unpinned here,
+        # pip picks the tf_keras that matches the TensorFlow it installs. The tests run TFMOT pruning for real.
+        "test": ["pytest", "hypothesis", "tensorboard", "mlxtend", "scikit-learn", "matplotlib",
+                 "ai-edge-litert; platform_system=='Linux'", "tf_keras", "tensorflow-model-optimization>=0.8"],
         "examples": ["matplotlib", "mlxtend", "scikit-learn", "ai-edge-litert; platform_system=='Linux'", "tqdm"],
-        "tfmot": ["tf_keras", "tensorflow-model-optimization"],
+        "tfmot": ["tf_keras", "tensorflow-model-optimization>=0.8"],
     },
     license="Apache-2.0",
 )

@@ -1,7 +1,6 @@
 """keras_rigl: sparse neural networks trained from scratch in Keras 3 (RigL, SET, SNFS)."""
 
 from keras_rigl.callbacks import SET, SNFS, RigL, SparseTraining, Static
-from keras_rigl.datasets import load_dataset
 from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
@@ -49,7 +48,6 @@ __all__ = [
     "tflite_predict",
     "tflite_parity",
     "tflite_weight_report",
-    "load_dataset",
     "model_flops",
     "training_flops_summary",
     "count_active",

@@ -32,34 +32,14 @@ seeds), ``accuracy_vs_flops.png`` and ``accuracy_vs_sparsity.png``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import os
-import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-import train  # noqa: E402  (scripts/train.py)
-
-ALL_METHODS = ("dense", "dense_flops", "small_dense", "static", "set", "snfs", "rigl", "prune")
-DENSE_ONLY = ("dense",)  # independent of the sparsity
-COLUMNS = [
-    "run_id", "dataset", "model", "method", "sparsity", "seed", "multiplier", "epochs", "steps", "batch_size",
-    "width", "accuracy", "loss", "train_flops", "inference_flops", "f_dense", "params", "params_total",
-    "sparsity_actual", "wall_time_s", "tflite_bytes", "tflite_agreement",
-]
-LABELS = {
-    "dense": "Dense", "dense_flops": "Dense (same train FLOPs as RigL)", "small_dense": "Small-Dense",
-    "static": "Static", "set": "SET", "snfs": "SNFS", "rigl": "RigL", "prune": "Pruning (TFMOT)",
-}
+from rigl_harness import atomic, datasets, runner  # noqa: E402  (scripts/ is on sys.path when this file runs)
+from rigl_harness.cli import HelpFormatter, ranged  # noqa: E402
+from rigl_harness.comparison import ALL_METHODS, run_comparison  # noqa: E402
 
 
 def _float_list(text, lo, hi, what):
@@ -90,6 +70,8 @@ def _seeds(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integer seeds") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one seed")
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {min(values)}")
     return sorted(set(values))
 
 
@@ -102,285 +84,45 @@ def _methods(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=_methods, default=None, help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all)")
-    p.add_argument("--sparsities", type=_sparsities, default=[0.8, 0.9, 0.95], help="comma-separated, in (0, 1) (default 0.8,0.9,0.95)")
-    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated integers (default 0,1,2)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--methods", type=_methods, default=None, help=f"comma-separated, from {','.join(ALL_METHODS)}")
+    p.add_argument("--sparsities", type=_sparsities, default=[0.8, 0.9, 0.95], help="comma-separated, in (0, 1)")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated integers")
     p.add_argument("--multipliers", "--multiplier", type=_multipliers, default=[1.0],
-                   help="training-length multipliers (epochs x m; default 1); dense at m > 1 is 'dense trained m times longer'")
-    p.add_argument("--epochs", type=train._ranged(int, 1, what=" (>= 1)"), default=10, help="epochs of a 1x run (default 10)")
-    p.add_argument("--model", default="cnn", choices=train.MODELS)
-    p.add_argument("--dataset", default="mnist5k", help="mnist5k | digits | synthetic | PATH.npz (default mnist5k)")
-    p.add_argument("--distribution", default="erk", choices=train.DISTRIBUTIONS)
-    p.add_argument("--update-freq", type=train._ranged(int, 1, what=" (>= 1)"), default=50, help="ΔT, steps between mask updates (default 50)")
-    p.add_argument("--drop-fraction", type=train._ranged(float, 0.0, 1.0, lo_open=True, what=" (in (0, 1])"), default=0.3, help="default 0.3")
-    p.add_argument("--lr", type=train._ranged(float, 0.0, lo_open=True, what=" (> 0)"), default=0.05, help="SGD learning rate, cosine-decayed (default 0.05)")
-    p.add_argument("--batch-size", type=train._ranged(int, 1, what=" (>= 1)"), default=64, help="default 64")
+                   help="training-length multipliers (epochs x m); dense at m > 1 is 'dense trained m times longer'")
+    p.add_argument("--epochs", type=ranged(int, 1, what=" (>= 1)"), default=10, help="epochs of a 1x run")
+    p.add_argument("--model", default="cnn", choices=runner.MODELS, help="architecture (rigl_harness.zoo)")
+    p.add_argument("--dataset", default="mnist5k", help="mnist5k | digits | synthetic | PATH.npz")
+    p.add_argument("--distribution", default="erk", choices=runner.DISTRIBUTIONS, help="how the sparsity is spread over the layers")
+    p.add_argument("--update-freq", type=ranged(int, 1, what=" (>= 1)"), default=50, help="ΔT, steps between mask updates")
+    p.add_argument("--drop-fraction", type=ranged(float, 0.0, 1.0, lo_open=True, what=" (in (0, 1])"), default=0.3, help="share of active connections moved at an update")
+    p.add_argument("--lr", type=ranged(float, 0.0, lo_open=True, what=" (> 0)"), default=0.05, help="SGD learning rate, cosine-decayed")
+    p.add_argument("--batch-size", type=ranged(int, 1, what=" (>= 1)"), default=64, help="examples per step")
     p.add_argument("--no-tflite", action="store_true", help="skip the per-run sparse TFLite export (its size column stays empty)")
     p.add_argument("--out", default="compare_results", help="folder for results.csv, summary.md and the plots")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--input-scale", default="auto", choices=datasets.INPUT_SCALES,
+                   help=".npz inputs: decided from the training split (auto), none, or 255; applied to both splits")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-    method: str
-    sparsity: float
-    seed: int
-    multiplier: float
-
-    def run_id(self, args):
-        return f"{study_key(args)}|{self.method}|s{self.sparsity:g}|x{self.multiplier:g}|seed{self.seed}"
-
-
-def study_key(args):
-    """What every run of one study shares: data, model, length and hyperparameters (the run id's prefix)."""
-    return (f"{os.path.basename(args.dataset)}|{args.model}|e{args.epochs}|b{args.batch_size}|lr{args.lr:g}"
-            f"|dt{args.update_freq}|df{args.drop_fraction:g}|{args.distribution}")
-
-
-def grid(methods, sparsities, seeds, multipliers):
-    """All jobs, seed-major (a stopped comparison has whole seeds done first)."""
-    jobs = []
-    for seed in seeds:
-        for m in multipliers:
-            for method in methods:
-                if method in DENSE_ONLY:
-                    jobs.append(Job(method, 0.0, seed, m))
-                else:
-                    jobs.extend(Job(method, s, seed, m) for s in sparsities)
-    return jobs
-
-
-def read_results(path):
-    if not os.path.exists(path):
-        return pd.DataFrame(columns=COLUMNS)
-    df = pd.read_csv(path)
-    missing = [c for c in ("run_id", "accuracy") if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path!r} is not a results file of this script (no columns {missing}); use another --out.")
-    return df.drop_duplicates("run_id", keep="last")
-
-
-def write_results(df, path):
-    """Replace the CSV atomically (temp file in the same folder + os.replace)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-class Planner:
-    """Per-sparsity quantities the baselines need: the RigL run's FLOPs and the sparse net's parameter count."""
-
-    def __init__(self, args, data):
-        self.args, self.data = args, data
-        self._cache = {}
-
-    def sparse_stats(self, sparsity):
-        if sparsity not in self._cache:
-            import keras
-
-            import keras_rigl
-            from keras_rigl import counting, zoo
-
-            dense = zoo.build_model(self.args.model, self.data.input_shape, self.data.num_classes)
-            sparse = keras_rigl.sparsify(dense, sparsity, distribution=self.args.distribution, seed=0)
-            mf = counting.model_flops(sparse)
-            params = train.nonzero_params(sparse)
-            width = zoo.width_for_params(self.args.model, self.data.input_shape, self.data.num_classes, params)
-            self._cache[sparsity] = {"f_sparse": mf.sparse, "f_dense": mf.dense, "params": params, "width": width}
-            keras.backend.clear_session()
-        return self._cache[sparsity]
-
-    def config(self, job):
-        a = self.args
-        method = job.method
-        cfg = train.Config(
-            dataset=a.dataset, model=a.model, method=method, sparsity=job.sparsity or 0.9,
-            distribution=a.distribution, update_freq=a.update_freq, drop_fraction=a.drop_fraction,
-            epochs=a.epochs, multiplier=job.multiplier, lr=a.lr, batch_size=a.batch_size, seed=job.seed,
-            save=False, tflite=not a.no_tflite, verbose=0,
-        )
-        if method in ("dense_flops", "small_dense", "dense"):
-            cfg.method = "dense"
-        if method == "dense_flops":
-            from keras_rigl import counting
-
-            st = self.sparse_stats(job.sparsity)
-            epochs = max(1, int(round(a.epochs * job.multiplier)))
-            examples = epochs * math.ceil(len(self.data.x_train) / a.batch_size) * a.batch_size
-            target = counting.training_flops("rigl", st["f_sparse"], st["f_dense"], examples, a.update_freq)
-            cfg.steps = counting.equal_flops_steps(target, st["f_dense"], a.batch_size)
-        if method == "small_dense":
-            cfg.width = self.sparse_stats(job.sparsity)["width"]
-        return cfg
-
-
-def run_job(job, planner, args):
-    import keras
-
-    keras.backend.clear_session()
-    cfg = planner.config(job)
-    r = train.run(cfg, data=planner.data)
-    return {
-        "run_id": job.run_id(args), "dataset": r["dataset"], "model": args.model, "method": job.method,
-        "sparsity": job.sparsity, "seed": job.seed, "multiplier": job.multiplier, "epochs": r["epochs"],
-        "steps": r["steps"], "batch_size": args.batch_size, "width": cfg.width, "accuracy": r["accuracy"],
-        "loss": r["loss"], "train_flops": r["train_flops"], "inference_flops": r["inference_flops"],
-        "f_dense": r["f_dense"], "params": r["params"], "params_total": r["params_total"],
-        "sparsity_actual": r["sparsity"], "wall_time_s": r["wall_time_s"], "tflite_bytes": r["tflite_bytes"],
-        "tflite_agreement": r.get("tflite_agreement"),
-    }
-
-
-# ------------------------------------------------------------------ summary
-def _pm(mean, std, fmt):
-    if std != std:  # NaN: one seed
-        return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format(std, fmt)}"
-
-
-def _full_width_f_dense(df):
-    """Forward FLOPs of the full-width dense model (small-dense rows have a narrower one)."""
-    full = df[df["width"] == 1] if "width" in df else df
-    return float((full if len(full) else df)["f_dense"].max())
-
-
-def summarize(df, dense_train=None):
-    """Mean ± std over seeds per (method, sparsity, multiplier).
-
-    Training FLOPs are relative to ``dense_train`` (the dense 1x run's; default: the mean of the dense 1x
-    rows), inference FLOPs to the dense model's forward FLOPs.
-    """
-    if df.empty:
-        return pd.DataFrame()
-    ref_flops = _full_width_f_dense(df)
-    if dense_train is None:
-        dense1 = df[(df["method"] == "dense") & (df["multiplier"] == 1)]
-        dense_train = float(dense1["train_flops"].mean()) if len(dense1) else None
-    rows = []
-    order = {m: i for i, m in enumerate(ALL_METHODS)}
-    for (method, sparsity, mult), g in df.groupby(["method", "sparsity", "multiplier"]):
-        rows.append({
-            "method": method, "sparsity": sparsity, "multiplier": mult, "seeds": len(g),
-            "acc_mean": g["accuracy"].mean(), "acc_std": g["accuracy"].std(),
-            "loss_mean": g["loss"].mean(),
-            "train_flops": g["train_flops"].mean(),
-            "train_flops_rel": g["train_flops"].mean() / dense_train if dense_train else float("nan"),
-            "inference_flops_rel": g["inference_flops"].mean() / ref_flops,
-            "params": g["params"].mean(), "steps": g["steps"].mean(), "wall_time_s": g["wall_time_s"].mean(),
-            "tflite_kb": g["tflite_bytes"].mean() / 1024 if g["tflite_bytes"].notna().any() else float("nan"),
-            "_order": order.get(method, 99),
-        })
-    out = pd.DataFrame(rows).sort_values(["multiplier", "sparsity", "_order"]).drop(columns="_order")
-    return out.reset_index(drop=True)
-
-
-def to_markdown(summary):
-    head = ["Method", "Sparsity", "Mult.", "Seeds", "Accuracy (%)", "Train FLOPs (× dense)", "Inference FLOPs (× dense)",
-            "Params", "Steps", "TFLite KB", "Wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for r in summary.itertuples():
-        lines.append("| " + " | ".join([
-            LABELS.get(r.method, r.method), f"{r.sparsity:g}" if r.sparsity else "0", f"{r.multiplier:g}×", str(r.seeds),
-            _pm(100 * r.acc_mean, 100 * r.acc_std, ".2f"), f"{r.train_flops_rel:.3f}", f"{r.inference_flops_rel:.3f}",
-            f"{r.params:,.0f}", f"{r.steps:.0f}", "" if r.tflite_kb != r.tflite_kb else f"{r.tflite_kb:.1f}",
-            f"{r.wall_time_s:.1f}",
-        ]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _zoom(ax, summary, x_of):
-    """Zoom the y axis on the methods that train fully; mark the points below it (short FLOPs-matched runs)."""
-    acc = 100 * summary["acc_mean"]
-    low = 100 * (summary["acc_mean"] - summary["acc_std"].fillna(0))
-    main = summary["method"] != "dense_flops"
-    if not main.any():
-        ax.set_ylim(top=100.5)
-        return
-    bottom = max(0.0, float(low[main].min()) - 1.0)
-    if (~main).any() and float(acc[~main].min()) >= bottom:  # nothing off the zoomed axis
-        bottom = max(0.0, min(bottom, float(low[~main].min()) - 1.0))
-    ax.set_ylim(bottom, 100.5)
-    for r, a in zip(summary[~main].itertuples(), acc[~main]):
-        if a < bottom:
-            ax.annotate(f"{a:.1f}%", (x_of(r), bottom), xytext=(0, 12), textcoords="offset points", ha="center",
-                        fontsize=7, color="C1", arrowprops=dict(arrowstyle="->", color="C1"))
-
-
-def plot(summary, out):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = dict(zip(ALL_METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8"]))
-    markers = {0.0: "*", 0.8: "o", 0.9: "s", 0.95: "^", 0.98: "D"}
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in summary.itertuples():
-        ax.errorbar(r.train_flops_rel, 100 * r.acc_mean, yerr=0 if r.acc_std != r.acc_std else 100 * r.acc_std,
-                    fmt=markers.get(round(r.sparsity, 2), "o"), color=colors.get(r.method), capsize=2, ms=7,
-                    mfc="none" if r.multiplier != 1 else colors.get(r.method))
-    for method in summary["method"].unique():
-        ax.plot([], [], "o", color=colors.get(method), label=LABELS.get(method, method))
-    for s in sorted(summary["sparsity"].unique()):
-        ax.plot([], [], markers.get(round(s, 2), "o"), color="black", label=f"sparsity {s:g}" if s else "dense (sparsity 0)")
-    if (summary["multiplier"] != 1).any():
-        ax.plot([], [], "o", color="black", mfc="none", label="hollow: trained longer (multiplier > 1)")
-    _zoom(ax, summary, lambda r: r.train_flops_rel)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (× dense 1× run)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("Accuracy vs training FLOPs (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p1 = os.path.join(out, "accuracy_vs_flops.png")
-    fig.savefig(p1, dpi=90)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for (method, mult), g in summary.groupby(["method", "multiplier"]):
-        label = LABELS.get(method, method) + (f" {mult:g}×" if mult != 1 else "")
-        style = "--" if mult != 1 else "-"
-        if method in DENSE_ONLY:
-            ax.axhline(100 * g["acc_mean"].iloc[0], ls=":" if mult == 1 else "-.", color=colors.get(method), label=label)
-            continue
-        g = g.sort_values("sparsity")
-        ax.errorbar(g["sparsity"], 100 * g["acc_mean"], yerr=100 * g["acc_std"].fillna(0), fmt="o" + style,
-                    color=colors.get(method), capsize=2, label=label)
-    _zoom(ax, summary, lambda r: r.sparsity)
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("Accuracy vs sparsity per method (mean ± std over seeds)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p2 = os.path.join(out, "accuracy_vs_sparsity.png")
-    fig.savefig(p2, dpi=90)
-    plt.close(fig)
-    return p1, p2
-
-
-# --------------------------------------------------------------------- main
 def prepare(argv=None):
     """Parse and validate everything (data set, methods, TFMOT) before any training; returns (args, data, notes)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     notes = []
     try:
-        from keras_rigl import datasets
-
-        data = datasets.load_dataset(args.dataset, seed=0)
+        atomic.check_out_folder(args.out)
+        data = datasets.load_dataset(args.dataset, seed=0, input_scale=args.input_scale)
         if args.methods is None:
             args.methods = list(ALL_METHODS)
             try:
-                train.check_tfmot()
+                runner.check_tfmot()
             except ImportError:
                 args.methods.remove("prune")
-                notes.append(f"TFMOT is not installed: pruning left out ({train.TFMOT_HINT}).")
+                notes.append(f"TFMOT is not installed: pruning left out ({runner.TFMOT_HINT}).")
         elif "prune" in args.methods:
-            train.check_tfmot()
+            runner.check_tfmot()
     except (ValueError, ImportError) as err:
         parser.error(str(err))
     return args, data, notes
@@ -388,49 +130,7 @@ def prepare(argv=None):
 
 def main(argv=None):
     args, data, notes = prepare(argv)
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "results.csv")
-    df = read_results(csv_path)
-    jobs = grid(args.methods, args.sparsities, args.seeds, args.multipliers)
-    done = set(df["run_id"])
-    pending = [j for j in jobs if j.run_id(args) not in done]
-    for note in notes:
-        print(note)
-    print(f"{len(jobs)} runs in the grid, {len(jobs) - len(pending)} already in {csv_path}, {len(pending)} to go.")
-    planner = Planner(args, data)
-    bar = None
-    if not args.no_progress and pending:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), unit="run", dynamic_ncols=True)
-    for job in pending:
-        if bar is not None:
-            bar.set_description(f"{job.method} s={job.sparsity:g} x{job.multiplier:g} seed={job.seed}")
-        row = run_job(job, planner, args)
-        df = pd.concat([df[df["run_id"] != row["run_id"]], pd.DataFrame([row])], ignore_index=True)
-        write_results(df[[c for c in COLUMNS if c in df.columns]], csv_path)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(acc=f"{row['accuracy']:.4f}")
-    if bar is not None:
-        bar.close()
-    # the summary covers every run of this study in the CSV (same data, model, epochs, hyperparameters), so
-    # several invocations (e.g. a later --multipliers 2) add up to one table
-    study = df[df["run_id"].str.startswith(study_key(args) + "|")]
-    current = df[df["run_id"].isin({j.run_id(args) for j in jobs})]
-    dense_train = None
-    if len(study):  # the dense 1x run's training FLOPs: 3 f_D x (epochs x batches x batch size)
-        examples = args.epochs * math.ceil(len(data.x_train) / args.batch_size) * args.batch_size
-        dense_train = 3.0 * _full_width_f_dense(study) * examples
-    summary = summarize(study, dense_train=dense_train)
-    md = to_markdown(summary) if len(summary) else "(no runs)\n"
-    with open(os.path.join(args.out, "summary.md"), "w") as fh:
-        fh.write(md)
-    summary.to_csv(os.path.join(args.out, "summary.csv"), index=False)
-    if len(summary):
-        plot(summary, args.out)
-    print(md)
-    return {"results": current, "summary": summary, "ran": len(pending), "csv": csv_path}
+    return run_comparison(args, data, notes)
 
 
 if __name__ == "__main__":

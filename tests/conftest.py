@@ -1,5 +1,8 @@
 import os
+import sys
 
+# the scripts' helper package (scripts/rigl_harness), imported as scripts/train.py imports it
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 

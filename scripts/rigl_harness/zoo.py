@@ -1,4 +1,4 @@
-"""Model builders for the example scripts: small CNN, MLP, LSTM and keras.applications.
+"""Model builders for scripts/train.py and scripts/compare.py: small CNN, MLP, LSTM and keras.applications.
 
 ``build_model(name, input_shape, num_classes, width=1.0)`` returns a built,
 uncompiled functional model. ``width`` scales every hidden layer's units /
@@ -160,14 +160,55 @@ def width_for_params(name, input_shape, num_classes, target_params, lo=0.02, hi=
     return lo if abs(params(lo) - target_params) <= abs(params(hi) - target_params) else hi
 
 
-def load_weights_file(model, path):
-    """Load pretrained weights from ``path`` (``.weights.h5`` or a whole ``.keras`` model) into ``model``."""
+def check_weights_file(path):
+    """ValueError naming ``--weights`` unless ``path`` is a readable ``.keras`` or ``.weights.h5`` file.
+
+    Checked before any training: a ``.keras`` file must be an intact zip archive holding a model config
+    (a truncated copy is not), a ``.weights.h5`` file must start with the HDF5 signature.
+    """
+    import zipfile
+
     if not os.path.exists(path):
-        raise ValueError(f"weights file {path!r} does not exist.")
+        raise ValueError(f"--weights file {path!r} does not exist.")
+    if path.endswith(".keras"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+                names = set(zf.namelist())
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise ValueError(f"--weights file {path!r} is not a readable .keras archive ({err}); "
+                             "it is truncated or damaged, save the model again with model.save().") from None
+        if bad is not None or "config.json" not in names:
+            raise ValueError(f"--weights file {path!r} is damaged ({'bad CRC in ' + bad if bad else 'no config.json'}); "
+                             "save the model again with model.save().")
+    elif path.endswith(".weights.h5"):
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89HDF\r\n\x1a\n":
+                raise ValueError(f"--weights file {path!r} is not an HDF5 file; save the weights with "
+                                 "model.save_weights('x.weights.h5').")
+    else:
+        raise ValueError(f"--weights file {path!r} must end in .weights.h5 (model.save_weights) or .keras.")
+
+
+def load_weights_file(model, path):
+    """Load pretrained weights from ``path`` (``.weights.h5`` or a whole ``.keras`` model) into ``model``.
+
+    A ``.keras`` model with ``keras_rigl.Masked`` layers (what scripts/train.py writes) is stripped first:
+    its masked-out weights are zero, so the sparse network's weights become the pretrained dense ones.
+    """
+    check_weights_file(path)
     import keras
 
     if path.endswith(".keras"):
-        source = keras.models.load_model(path, compile=False)
+        import keras_rigl  # registers Masked, so a sparse model written by train.py loads
+
+        try:
+            source = keras.models.load_model(path, compile=False)
+        except Exception as err:
+            raise ValueError(f"could not load the model in {path!r} ({type(err).__name__}: {err}); "
+                             "save it again with model.save().") from None
+        if keras_rigl.masked_layers(source):
+            source = keras_rigl.strip(source)
         try:
             model.set_weights(source.get_weights())
         except ValueError as err:
@@ -176,8 +217,6 @@ def load_weights_file(model, path):
                 "--model and data shape."
             ) from None
         return model
-    if not path.endswith(".weights.h5"):
-        raise ValueError(f"weights file {path!r} must end in .weights.h5 (model.save_weights) or .keras.")
     try:
         model.load_weights(path)
     except Exception as err:
