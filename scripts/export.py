@@ -36,7 +36,6 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 import numpy as np  # noqa: E402
 
@@ -170,10 +169,7 @@ def _npz_data(path: str, seed: int):
 
 def _named_data(name: str, seed: int):
     """The project's data sets: the same seeded train/test split scripts/train.py uses."""
-    try:
-        from rigl_harness.datasets import load_dataset  # scripts/rigl_harness, on sys.path as scripts/
-    except ImportError:
-        from keras_rigl.datasets import load_dataset  # before the harness left the package
+    from rigl_harness.datasets import load_dataset  # scripts/rigl_harness: scripts/ is on sys.path
 
     ds = load_dataset("mnist5k" if name == "mnist" else name, seed=seed)
     return (ds.x_train, ds.x_test, ds.y_test.astype("int64"),
