@@ -117,18 +117,10 @@ class Masked(keras.layers.Wrapper):
         refs = maskable.maskable_weights(self.layer, depthwise=self.mask_depthwise)
         capture_on = self.capture_gradients and gradient_capture.available()
         if capture_on:
-            import tensorflow as tf
-
-            # Switches shared by every masked weight of this layer; plain
-            # tf.Variables so that Keras neither saves nor reports them.
-            # init_scope: the layer may be built inside a symbolic call.
-            with tf.init_scope():
-                object.__setattr__(
-                    self, "_capture_mode", tf.Variable(0, trainable=False, dtype=tf.int32, name="capture_mode")
-                )
-                object.__setattr__(
-                    self, "_capture_decay", tf.Variable(0.9, trainable=False, dtype=tf.float32, name="capture_decay")
-                )
+            # Switches shared by every masked weight of this layer (kept out of Keras' tracking).
+            mode, decay = gradient_capture.make_switches()
+            object.__setattr__(self, "_capture_mode", mode)
+            object.__setattr__(self, "_capture_decay", decay)
         masked = []
         for ref in refs:
             mask = self.add_weight(
@@ -140,14 +132,13 @@ class Masked(keras.layers.Wrapper):
             )
             capture = None
             if capture_on:
-                with tf.init_scope():
-                    capture = gradient_capture.GradientCapture(
-                        ref.variable.shape,
-                        ref.variable.dtype,
-                        ref.name.replace("/", "_"),
-                        self._capture_mode,
-                        self._capture_decay,
-                    )
+                capture = gradient_capture.GradientCapture(
+                    ref.variable.shape,
+                    ref.variable.dtype,
+                    ref.name.replace("/", "_"),
+                    self._capture_mode,
+                    self._capture_decay,
+                )
             masked.append(MaskedWeight(ref.name, ref.variable, mask, ref, capture))
         # Keep our own bookkeeping out of Keras' attribute tracking.
         object.__setattr__(self, "_masked_weights", masked)
@@ -214,15 +205,21 @@ class Masked(keras.layers.Wrapper):
 
     # ----------------------------------------------------------- capture API
     def set_capture_mode(self, mode, ema_decay=None):
-        """Switch dense-gradient capture: 0 off, 1 store this step's, 2 EMA."""
+        """Switch dense-gradient capture: ``gradient_capture.MODE_OFF`` (0), ``MODE_STORE`` (1, this
+        step's gradient) or ``MODE_EMA`` (2, moving average with decay ``ema_decay``).
+
+        Switching to store or EMA clears each buffer's ``written`` flag, so
+        that reading it before a training step has captured is an error.
+        """
         if not self.capture_gradients or not gradient_capture.available():
             raise RuntimeError(
                 f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
                 f"or backend {keras.backend.backend()!r} is not tensorflow)."
             )
-        self._capture_mode.assign(int(mode))
-        if ema_decay is not None:
-            self._capture_decay.assign(float(ema_decay))
+        gradient_capture.set_switches(self._capture_mode, self._capture_decay, int(mode), ema_decay)
+        if int(mode) != gradient_capture.MODE_OFF:
+            for mw in self._masked_weights:
+                mw.capture.clear_written()
 
     # --------------------------------------------------------------- masks IO
     def get_masks(self):
