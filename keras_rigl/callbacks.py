@@ -1,23 +1,52 @@
-"""Dynamic sparse training callbacks: SET, RigL, SNFS and Static.
+"""Dynamic sparse training callbacks: Static, SET, RigL and SNFS.
 
-One mechanism, small variations (as in jaxpruner): :class:`SET` owns the
-whole schedule and drop-and-grow update; :class:`RigL` overrides only the
-grow score (|dense gradient| of the current batch), :class:`SNFS` grows by
-the gradient's moving average, :class:`Static` never updates.
+One mechanism, small variations (as in jaxpruner). :class:`SparseTraining`
+is the neutral base: it owns the update plan (when), the hooks for
+``model.fit`` and custom loops, the drop-and-grow of all masked weights, the
+optimizer-state reset and the logs. A method is the pair of scores it ranks
+connections by:
 
-The callback only decides *when*; the math is in :mod:`keras_rigl.updates`.
-The same two hooks the callback uses, :meth:`SET.before_step` and
-:meth:`SET.after_step`, drive a custom ``tf.GradientTape`` loop.
+=========  ==========================  ===================================
+class      drop score (keep largest)   grow score (grow largest)
+=========  ==========================  ===================================
+Static     (never updates)             (never updates)
+SET        |w| (base)                  uniform random
+RigL       |w| (base)                  |dense gradient| of the update batch
+SNFS       |w| (base)                  |EMA of the dense gradient|
+=========  ==========================  ===================================
+
+A new method is a subclass overriding :meth:`SparseTraining.drop_scores`
+and/or :meth:`SparseTraining.grow_scores` (see README, "Writing your own
+method"). The callback only decides *when*; the math is in
+:mod:`keras_rigl.updates`. The same two hooks the callback uses,
+:meth:`SparseTraining.before_step` and :meth:`SparseTraining.after_step`,
+drive a custom ``tf.GradientTape`` loop.
+
+Steps are optimizer steps (``optimizer.iterations``), never batches.
+
+Repeated ``fit`` calls and resume. Without an explicit ``end_step`` every
+``fit`` plans its updates over its own planned run: the plan starts at
+``optimizer.iterations - initial_epoch * steps_per_epoch`` and lasts
+``epochs * steps_per_epoch`` steps (``epochs`` as passed to ``fit``, i.e.
+counting the epochs before ``initial_epoch``). So ``fit(epochs=4,
+initial_epoch=2)`` on a model saved after ``fit(epochs=2)`` replays the plan
+of an uninterrupted ``fit(epochs=4)``, while a second plain ``fit(epochs=2)``
+plans (and decays) its updates afresh over its own 2 epochs. With an
+explicit ``end_step`` the plan is absolute in optimizer steps and the same
+for every ``fit``. Either way, a ``fit`` in which no update step falls warns
+"no mask update".
 """
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
+import dataclasses
+import warnings
+
 import keras
+import numpy as np
 from keras import ops
 
-from keras_rigl import gradient_capture, optimizer_state, schedule, updates
+from keras_rigl import gradient_capture, optimizer_state, schedule, updates, validation
 from keras_rigl.sparsify import masked_layers
 
 GROW_INITS = ("zeros", "random")
@@ -31,33 +60,57 @@ _INITIALIZER_ATTRS = {
 }
 
 
-class SET(keras.callbacks.Callback):
-    """Sparse Evolutionary Training: drop the smallest |w|, grow at random.
+@dataclasses.dataclass
+class UpdateItem:
+    """One masked weight to update, with the scores its method ranks connections by."""
+
+    layer: object  # the keras_rigl.Masked layer
+    masked_weight: object  # its MaskedWeight
+    seed: int  # from (callback seed, step, weight index): the same in a resumed run
+    drop_scores: object  # same shape as the weight; larger = keep
+    grow_scores: object  # same shape as the weight; larger = grow first
+
+
+class SparseTraining(keras.callbacks.Callback):
+    """Base of the sparse-training callbacks: the mechanism, no method of its own.
+
+    Subclasses choose the scores (:meth:`drop_scores`, :meth:`grow_scores`),
+    which gradient they need (``gradient_mode``) and whether a connection
+    dropped and regrown in one update starts afresh (``reinit_regrown``).
 
     Args:
         update_freq: ΔT, optimizer steps between mask updates.
-        drop_fraction: fraction of each layer's active connections moved at
-            an update, before decay.
-        decay: ``"cosine"`` (paper), ``"linear"`` or ``"constant"``.
-        begin_step: first step at which updates may happen.
-        end_step: last step of updates (inclusive). Default:
-            ``end_fraction`` of the total steps of ``model.fit``.
+        drop_fraction: fraction of each weight's active connections moved at
+            an update: a float in (0, 1] decayed by ``decay`` to 0 at
+            ``end_step``; a callable ``step -> fraction`` of the optimizer
+            step; or a :class:`keras_rigl.DropFractionSchedule` (serializable).
+        decay: ``"cosine"`` (paper), ``"linear"`` or ``"constant"``; only for
+            a float ``drop_fraction``.
+        begin_step: first step at which updates may happen, counted from the
+            start of the plan.
+        end_step: last step of updates (inclusive), in absolute optimizer
+            steps. Default: ``end_fraction`` of the planned steps of each
+            ``fit`` (see the module notes on repeated fit and resume).
         end_fraction: see ``end_step`` (0.75 as in the paper).
         grow_init: ``"zeros"`` (paper) or ``"random"`` (the layer's
             initializer) for grown connections.
-        seed: int; masks depend only on (seed, step, layer), so a resumed run
-            makes the same updates as an uninterrupted one.
-        reset_optimizer_state: zero the optimizer state of grown and dropped
-            connections (momentum, Adam moments, ...). Keep True unless your
-            optimizer keeps factored state (Adafactor).
-        log_dir: if given, a TensorBoard writer records per-layer sparsity and
-            the number of connections moved at each update.
+        seed: int >= 0 (None: drawn once); masks depend only on (seed, step,
+            weight), so a resumed run makes the same updates as an
+            uninterrupted one (see README for the exact conditions).
+        reset_optimizer_state: reset the optimizer state of grown and dropped
+            connections (momentum, Adam moments, accumulators, the EMA of
+            ``use_ema``...). Keep True unless your optimizer keeps factored
+            state (Adafactor), which is refused otherwise.
+        log_dir: if given, a TensorBoard writer records per-weight sparsity
+            and the number of connections moved at each update.
     """
 
     #: which gradient the grow score needs: off, this step's, or its EMA
     gradient_mode = gradient_capture.MODE_OFF
     #: a connection dropped and regrown in one update starts afresh
     reinit_regrown = True
+    #: False for methods that keep the initial masks (Static)
+    changes_masks = True
 
     def __init__(
         self,
@@ -73,21 +126,24 @@ class SET(keras.callbacks.Callback):
         log_dir=None,
     ):
         super().__init__()
-        schedule.validate(update_freq, drop_fraction, decay, begin_step, end_step)
-        if not 0.0 < float(end_fraction) <= 1.0:
-            raise ValueError(f"end_fraction must be in (0, 1] (share of training with updates), got {end_fraction!r}.")
-        if grow_init not in GROW_INITS:
-            raise ValueError(f"Unknown grow_init {grow_init!r}; use 'zeros' (as in the paper) or 'random'.")
-        self.update_freq = int(update_freq)
-        self.drop_fraction = float(drop_fraction)
+        update_freq, drop_fraction, decay, begin_step, end_step = schedule.validate(
+            update_freq, drop_fraction, decay, begin_step, end_step
+        )
+        self.update_freq = update_freq
+        self.drop_fraction = drop_fraction
         self.decay = decay
-        self.begin_step = int(begin_step)
+        self.begin_step = begin_step
         self.end_step = end_step
-        self.end_fraction = float(end_fraction)
-        self.grow_init = grow_init
+        self.end_fraction = validation.check_number(
+            "end_fraction", end_fraction, 0.0, 1.0, low_open=True, hint=" (share of training with updates)"
+        )
+        self.grow_init = validation.check_choice("grow_init", grow_init, GROW_INITS)
+        seed = validation.check_seed(seed)
         self.seed = int(seed if seed is not None else np.random.SeedSequence().entropy % 2**31)
-        self.reset_optimizer_state = bool(reset_optimizer_state)
-        self.log_dir = log_dir
+        self.reset_optimizer_state = validation.check_bool("reset_optimizer_state", reset_optimizer_state)
+        if log_dir is not None and not isinstance(log_dir, (str, bytes)) and not hasattr(log_dir, "__fspath__"):
+            raise ValueError(f"log_dir must be a directory path or None, got {log_dir!r}.")
+        self.log_dir = None if log_dir is None else str(log_dir)
         self.schedule = None
         self.step = None
         self._rows = []
@@ -95,15 +151,37 @@ class SET(keras.callbacks.Callback):
         self._writer = None
         self._sparsity = None
         self._itop = 0.0
+        self._planned = False
 
     # ------------------------------------------------------------ variations
+    def drop_scores(self, layer, masked_weight, seed):
+        """Scores for keeping; the active connections with the smallest are dropped.
+
+        Base (the paper, all methods here): |w|. Return an array or tensor of
+        the weight's shape. ``layer`` is the ``Masked`` layer, ``masked_weight``
+        its :class:`keras_rigl.masked.MaskedWeight` (``.weight``, ``.mask``,
+        ``.capture``), ``seed`` an int for any randomness.
+        """
+        return ops.abs(masked_weight.weight)
+
     def grow_scores(self, layer, masked_weight, seed):
-        """Scores for growing; larger grows first. SET: uniform random."""
-        return updates.random_scores(masked_weight.weight.shape, seed)
+        """Scores for growing; the inactive connections with the largest grow first."""
+        raise NotImplementedError(
+            f"{type(self).__name__} changes masks but defines no grow_scores(layer, masked_weight, seed); "
+            "subclass SET, RigL or SNFS, or implement it."
+        )
 
     # ------------------------------------------------------------- schedule
-    def build_schedule(self, total_steps=None):
-        """Fix ``end_step`` (from ``total_steps`` when not given) and return the schedule."""
+    def build_schedule(self, total_steps=None, plan_start=0):
+        """Plan the updates of a run of ``total_steps`` optimizer steps starting at ``plan_start``.
+
+        Returns the :class:`keras_rigl.schedule.UpdateSchedule` (None for a
+        method that never changes masks).
+        """
+        if not self.changes_masks:
+            self.schedule = None
+            return None
+        plan_start = int(plan_start)
         end_step = self.end_step
         if end_step is None:
             if not total_steps:
@@ -112,18 +190,29 @@ class SET(keras.callbacks.Callback):
                     "steps is unknown (an infinite or unsized dataset). Pass end_step=... or steps_per_epoch "
                     "to model.fit."
                 )
-            end_step = max(self.begin_step + 1, int(self.end_fraction * total_steps))
+            end_step = plan_start + max(self.begin_step + 1, int(self.end_fraction * total_steps))
+        else:
+            plan_start = 0  # an explicit end_step is absolute: the same plan for every fit
         self.schedule = schedule.UpdateSchedule(
-            self.update_freq, self.drop_fraction, end_step, self.begin_step, self.decay
+            self.update_freq, self.drop_fraction, end_step, self.begin_step, self.decay, plan_start
         )
         return self.schedule
 
     def is_update_step(self, step):
         return self.schedule is not None and self.schedule.is_update_step(step)
 
+    def drop_fraction_at(self, step):
+        """The drop fraction of an update at ``step`` (0 outside the plan)."""
+        return self.schedule.fraction(step) if self.schedule is not None else 0.0
+
     # ------------------------------------------------- hooks (callback / loop)
-    def attach(self, model, total_steps=None, step=0):
-        """Check ``model`` and set up; called by ``on_train_begin``."""
+    def attach(self, model, total_steps=None, step=0, plan_start=0):
+        """Check ``model``, plan the updates and set up; ``model.fit`` does this at its start.
+
+        For a custom loop: ``total_steps`` is the planned number of optimizer
+        steps (not needed with ``end_step``), ``step`` the optimizer step
+        now, ``plan_start`` the step at which the planned run began.
+        """
         layers = masked_layers(model)
         if not layers:
             raise ValueError(
@@ -137,21 +226,18 @@ class SET(keras.callbacks.Callback):
                     f"{type(self).__name__} grows by the dense gradient, which these layers do not capture: "
                     f"{missing}. Use the TensorFlow backend and Masked(..., capture_gradients=True) (the default)."
                 )
-        if self.schedule is None or self.end_step is None:
-            self.build_schedule(total_steps)
+        self.build_schedule(total_steps, plan_start)
         self.step = int(step)
         for layer in layers:
             for mw in layer.masked_weights:
-                key = id(mw.mask)
-                current = keras.ops.convert_to_numpy(mw.mask) != 0
-                self._ever_active[key] = self._ever_active.get(key, current) | current
+                self._record_active(mw)
         if self.gradient_mode == gradient_capture.MODE_EMA:
             for layer in layers:
                 layer.set_capture_mode(gradient_capture.MODE_EMA, ema_decay=self.ema_decay)
         if self.log_dir and self._writer is None:
-            import tensorflow as tf
+            from keras_rigl import tensorboard
 
-            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+            self._writer = tensorboard.UpdateWriter(self.log_dir)
         return layers
 
     def before_step(self, model, step):
@@ -170,53 +256,92 @@ class SET(keras.callbacks.Callback):
                 layer.set_capture_mode(gradient_capture.MODE_OFF)
         return rows
 
+    # ---------------------------------------------------------- the update
     def update_masks(self, model, step, optimizer=None):
-        """Drop and grow in every masked weight of ``model`` now (step ``step``)."""
-        fraction = self.schedule.fraction(step) if self.schedule else self.drop_fraction
-        rows = []
+        """Drop and grow in every masked weight of ``model`` now (step ``step``).
+
+        Gathers the scores of every sparse weight through the hooks, hands
+        them all to :meth:`_drop_and_grow_all`, then does the bookkeeping
+        (update rows, ITOP, TensorBoard). Returns the new rows.
+        """
+        fraction = self.drop_fraction_at(step) if self.schedule is not None else self._float_fraction()
+        items = []
         index = 0
         for layer in masked_layers(model):
             for mw in layer.masked_weights:
                 index += 1
-                size = int(np.prod(mw.mask.shape))
-                seed = int(np.random.SeedSequence([self.seed, int(step), index]).generate_state(1)[0])
-                mask_np = keras.ops.convert_to_numpy(mw.mask)
-                n_active = int(np.count_nonzero(mask_np))
-                if n_active == size or n_active == 0:
+                n_active = int(np.count_nonzero(ops.convert_to_numpy(mw.mask)))
+                if n_active in (0, int(np.prod(mw.mask.shape))):
                     continue  # a dense (or empty) weight has nothing to move
-                scores = self.grow_scores(layer, mw, seed)
-                result = updates.drop_and_grow(
-                    mw.weight, mw.mask, scores, fraction, seed=seed, reinit_regrown=self.reinit_regrown
+                seed = int(np.random.SeedSequence([self.seed, int(step), index]).generate_state(1)[0])
+                items.append(
+                    UpdateItem(layer, mw, seed, self.drop_scores(layer, mw, seed), self.grow_scores(layer, mw, seed))
                 )
-                updates.apply_update(mw.weight, mw.mask, result, self._grow_values(layer, mw, result, seed))
-                if self.reset_optimizer_state and optimizer is not None:
-                    optimizer_state.reset_slots(optimizer, mw.weight, result.grown | result.removed)
-                key = id(mw.mask)
-                new_mask = result.new_mask != 0
-                self._ever_active[key] = self._ever_active.get(key, new_mask) | new_mask
-                rows.append(
-                    {
-                        "step": int(step),
-                        "layer": layer.layer.name,
-                        "weight": mw.name,
-                        "drop_fraction": fraction,
-                        "n_active": result.n_active,
-                        "n_dropped": int(np.floor(fraction * result.n_active)),
-                        "n_moved": result.n_moved,
-                        "sparsity": 1.0 - result.n_active / size,
-                    }
-                )
+        results = self._drop_and_grow_all(items, fraction, step, optimizer)
+        rows = []
+        for item, result in zip(items, results):
+            self._record_active(item.masked_weight)
+            rows.append(
+                {
+                    "step": int(step),
+                    "layer": item.layer.layer.name,
+                    "weight": item.masked_weight.name,
+                    "drop_fraction": fraction,
+                    "n_active": result.n_active,
+                    "n_dropped": result.n_dropped,
+                    "n_moved": result.n_moved,
+                    "sparsity": 1.0 - result.n_active / int(np.prod(item.masked_weight.mask.shape)),
+                }
+            )
         self._rows.extend(rows)
-        if self._writer is not None and rows:
-            import tensorflow as tf
-
-            with self._writer.as_default(step=int(step)):
-                for row in rows:
-                    tag = f"{row['layer']}/{row['weight']}"
-                    tf.summary.scalar(f"sparsity/{tag}", row["sparsity"])
-                    tf.summary.scalar(f"moved/{tag}", row["n_moved"])
-            self._writer.flush()
+        if self._writer is not None:
+            self._writer.write(step, rows)
         return rows
+
+    def _drop_and_grow_all(self, items, fraction, step, optimizer=None):
+        """THE SEAM: drop and grow in every item's weight, write masks, weights and optimizer state.
+
+        Args:
+            items: list of :class:`UpdateItem` (only weights that are neither
+                dense nor empty), with the scores the method's hooks returned.
+            fraction: the drop fraction of this update (the same for all).
+            step: the optimizer step of this update.
+            optimizer: the optimizer whose state of grown/dropped connections
+                is reset (when ``reset_optimizer_state``), or None.
+
+        Returns:
+            one object per item with ``n_active``, ``n_dropped`` and
+            ``n_moved`` (an :class:`keras_rigl.updates.UpdateResult`).
+
+        On return the masks, the weights (grown ones initialised by
+        ``grow_init``, removed ones 0) and the optimizer slots are written.
+        This reference body runs :func:`keras_rigl.updates.drop_and_grow` in
+        NumPy weight by weight; a compiled path replaces only this method.
+        """
+        results = []
+        for item in items:
+            mw = item.masked_weight
+            result = updates.drop_and_grow(
+                mw.weight,
+                mw.mask,
+                item.grow_scores,
+                fraction,
+                seed=item.seed,
+                reinit_regrown=self.reinit_regrown,
+                drop_scores=item.drop_scores,
+            )
+            updates.apply_update(mw.weight, mw.mask, result, self._grow_values(item.layer, mw, result, item.seed))
+            if self.reset_optimizer_state and optimizer is not None:
+                optimizer_state.reset_slots(optimizer, mw.weight, result.grown | result.removed)
+            results.append(result)
+        return results
+
+    def _float_fraction(self):
+        if callable(self.drop_fraction):
+            raise ValueError(
+                "update_masks() outside a plan needs a float drop_fraction; call attach(model, ...) first."
+            )
+        return self.drop_fraction
 
     def _grow_values(self, layer, mw, result, seed):
         if self.grow_init == "zeros":
@@ -229,21 +354,28 @@ class SET(keras.callbacks.Callback):
             if "seed" in config:
                 config["seed"] = seed % 2**31
             return keras.initializers.get({"class_name": initializer.__class__.__name__, "config": config})(shape, dtype=mw.weight.dtype)
-        w = keras.ops.convert_to_numpy(mw.weight)
-        std = float(w[keras.ops.convert_to_numpy(mw.mask) != 0].std() or 0.01)
+        w = ops.convert_to_numpy(mw.weight)
+        std = float(w[ops.convert_to_numpy(mw.mask) != 0].std() or 0.01)
         return np.random.default_rng(seed).normal(0, std, shape).astype(w.dtype)
+
+    def _record_active(self, mw):
+        key = id(mw.mask)
+        current = ops.convert_to_numpy(mw.mask) != 0
+        self._ever_active[key] = self._ever_active.get(key, current) | current
 
     # -------------------------------------------------------------- reports
     @property
     def updates(self):
         """One row per masked weight per mask update (pandas DataFrame)."""
+        import pandas as pd
+
         return pd.DataFrame(self._rows, columns=UPDATE_COLUMNS)
 
     def current_sparsity(self, model):
         total = active = 0
         for layer in masked_layers(model):
             for mw in layer.masked_weights:
-                m = keras.ops.convert_to_numpy(mw.mask)
+                m = ops.convert_to_numpy(mw.mask)
                 total += m.size
                 active += int(np.count_nonzero(m))
         return 1.0 - active / total if total else 0.0
@@ -257,34 +389,62 @@ class SET(keras.callbacks.Callback):
         step = self.step or 0
         return {
             "sparsity": self._sparsity if self._sparsity is not None else self.current_sparsity(model),
-            "drop_fraction": self.schedule.fraction(step) if self.schedule else 0.0,
+            "drop_fraction": self.drop_fraction_at(step),
             "itop": self._itop,
         }
 
     # --------------------------------------------------- keras callback API
     def on_train_begin(self, logs=None):
         model = self.model
-        spe = getattr(model, "steps_per_execution", 1)
-        if spe and int(spe) > 1 and self.gradient_mode == gradient_capture.MODE_STORE:
+        steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        if steps_per_execution > 1 and self.changes_masks:
+            # The callback sees one batch hook per execution: an update step
+            # inside an execution would be missed or made late.
             raise ValueError(
-                f"{type(self).__name__} needs steps_per_execution=1 in model.compile to capture the gradient of "
-                f"the update step's batch (got {spe})."
+                f"{type(self).__name__} updates masks between optimizer steps and needs "
+                f"steps_per_execution=1 in model.compile (got {steps_per_execution})."
             )
+        self._planned = False
+        self.step = self._optimizer_step(model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._planned:
+            return
+        # Planned here, not in on_train_begin: the first epoch of this fit is
+        # its initial_epoch, which the plan of a resumed run needs.
+        model = self.model
         params = self.params or {}
         epochs, steps = params.get("epochs"), params.get("steps")
         total = epochs * steps if epochs and steps else None
-        self.attach(model, total_steps=total, step=int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
+        step = self._optimizer_step(model)
+        plan_start = step - epoch * steps if steps else step
+        self.attach(model, total_steps=total, step=step, plan_start=plan_start)
+        self._planned = True
         self._sparsity = self.current_sparsity(model)
         self._itop = self.itop_rate()
+        if self.schedule is not None:
+            last = step + (epochs - epoch) * steps if epochs and steps else None
+            if (last is not None and not self.schedule.update_steps(last, step + 1)) or self.schedule.end_step <= step:
+                warnings.warn(
+                    f"{type(self).__name__}: no mask update in this fit (optimizer steps {step + 1}.."
+                    f"{last if last is not None else '?'}; updates every {self.update_freq} steps from step "
+                    f"{self.schedule.plan_start + self.begin_step} to end_step {self.schedule.end_step}): "
+                    "the masks stay as they are. Lower update_freq, raise end_step/end_fraction, or train longer.",
+                    stacklevel=2,
+                )
 
     def on_train_batch_begin(self, batch, logs=None):
         self.before_step(self.model, self.step + 1)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.after_step(self.model, self.step, self.model.optimizer):
-            self._sparsity = self.current_sparsity(self.model)
-            self._itop = self.itop_rate()
+        # Optimizer steps, not batches: a step skipped by a LossScaleOptimizer
+        # does not advance the plan (and never updates twice).
+        step = self._optimizer_step(self.model)
+        if step != self.step:
+            self.step = step
+            if self.after_step(self.model, step, self.model.optimizer):
+                self._sparsity = self.current_sparsity(self.model)
+                self._itop = self.itop_rate()
         if logs is not None:
             logs.update(self._log_values(self.model))
 
@@ -297,10 +457,18 @@ class SET(keras.callbacks.Callback):
             for layer in masked_layers(self.model):
                 layer.set_capture_mode(gradient_capture.MODE_OFF)
 
+    @staticmethod
+    def _optimizer_step(model):
+        return int(ops.convert_to_numpy(model.optimizer.iterations))
+
+    # -------------------------------------------------------- serialization
     def get_config(self):
+        drop_fraction = self.drop_fraction
+        if callable(drop_fraction):
+            drop_fraction = keras.saving.serialize_keras_object(drop_fraction)
         return {
             "update_freq": self.update_freq,
-            "drop_fraction": self.drop_fraction,
+            "drop_fraction": drop_fraction,
             "decay": self.decay,
             "begin_step": self.begin_step,
             "end_step": self.end_step,
@@ -308,7 +476,32 @@ class SET(keras.callbacks.Callback):
             "grow_init": self.grow_init,
             "seed": self.seed,
             "reset_optimizer_state": self.reset_optimizer_state,
+            "log_dir": self.log_dir,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("drop_fraction"), (dict, str)):
+            config["drop_fraction"] = keras.saving.deserialize_keras_object(config["drop_fraction"])
+        return cls(**config)
+
+
+class Static(SparseTraining):
+    """Static sparse training: the masks drawn by ``sparsify`` never change.
+
+    Takes the base's arguments (for a uniform interface); only ``log_dir``
+    matters. Logs ``sparsity``, ``drop_fraction`` (0) and ``itop``.
+    """
+
+    changes_masks = False
+
+
+class SET(SparseTraining):
+    """Sparse Evolutionary Training: drop the smallest |w|, grow at random."""
+
+    def grow_scores(self, layer, masked_weight, seed):
+        return updates.random_scores(masked_weight.weight.shape, seed)
 
 
 class RigL(SET):
@@ -322,40 +515,30 @@ class RigL(SET):
     reinit_regrown = False
 
     def grow_scores(self, layer, masked_weight, seed):
+        # The buffer holds what gradient_mode asks for: this step's gradient
+        # (RigL) or its moving average (SNFS).
         return ops.abs(masked_weight.capture.read())
 
 
-class SNFS(SET):
+class SNFS(RigL):
     """Sparse momentum (Dettmers & Zettlemoyer, 2019) without redistribution.
 
     Grows by |exponential moving average of the dense gradient|, updated on
     every step (decay ``momentum``, 0.9 by default). The moving average is not
-    saved with the model: a resumed run starts it again from 0.
+    saved with the model: a model loaded from a file starts it again from 0.
     """
 
     gradient_mode = gradient_capture.MODE_EMA
-    reinit_regrown = False
 
     def __init__(self, *args, momentum=0.9, **kwargs):
         super().__init__(*args, **kwargs)
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-        self.ema_decay = float(momentum)
+        self.ema_decay = validation.check_number(
+            "momentum", momentum, 0.0, 1.0, high_open=True, hint=" (decay of the gradient's moving average)"
+        )
 
-    def grow_scores(self, layer, masked_weight, seed):
-        return ops.abs(masked_weight.capture.read())
+    @property
+    def momentum(self):
+        return self.ema_decay
 
-
-class Static(SET):
-    """Static sparse training: the masks drawn by ``sparsify`` never change."""
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("update_freq", 1)
-        super().__init__(**kwargs)
-
-    def is_update_step(self, step):
-        return False
-
-    def build_schedule(self, total_steps=None):
-        self.schedule = None
-        return None
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.ema_decay}

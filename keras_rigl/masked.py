@@ -18,7 +18,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_rigl import gradient_capture, maskable
+from keras_rigl import _compat, gradient_capture, maskable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +105,8 @@ class Masked(keras.layers.Wrapper):
     def _create_masks(self):
         # After a deferred build Keras has locked this layer's state; the masks
         # are still part of building it.
-        was_locked = self._tracker.locked
-        self._tracker.unlock()
-        try:
+        with _compat.unlocked_state(self):
             self._create_masks_unlocked()
-        finally:
-            if was_locked:
-                self._lock_state()
 
     def _create_masks_unlocked(self):
         refs = maskable.maskable_weights(self.layer, depthwise=self.mask_depthwise)
@@ -189,9 +184,9 @@ class Masked(keras.layers.Wrapper):
                 object.__setattr__(owner, attr, variable)
 
     def call(self, inputs, *args, training=None, mask=None, **kwargs):
-        if self.layer._call_has_training_arg:
+        if _compat.call_accepts(self.layer, "training"):
             kwargs["training"] = training
-        if mask is not None and self.layer._call_has_mask_arg:
+        if mask is not None and _compat.call_accepts(self.layer, "mask"):
             kwargs["mask"] = mask
         if not self._masked_weights:
             # Deferred build: the first call builds the wrapped layer, then the masks.

@@ -28,8 +28,9 @@ the selected set is unique. The same integer operations run in NumPy here and
 on the device in :mod:`keras_rigl.compiled_update`, which makes the two paths
 select bit-identical masks for the same scores and seed, without drawing a
 permutation of every layer on the host. Scores are compared in float32 (the
-dtype of the weights and gradients the device path ranks); non-finite scores
-count as 0.
+dtype of the weights and gradients the device path ranks); NaN counts as 0,
+and so does +-inf in grow scores and |w| (a ``drop_scores`` hook's +-inf
+ranks as +-float32 max).
 
 SET's random grow scores come from the same hash (:func:`random_scores`), so
 the device path draws the very numbers this module draws.
@@ -50,6 +51,7 @@ class UpdateResult:
     removed: np.ndarray  # bool: connections active before and inactive now
     n_moved: int  # connections that became active (= newly grown, not regrown)
     n_active: int
+    n_dropped: int = 0  # k = floor(drop_fraction * n_active): connections dropped (some may regrow)
 
 
 def _to_numpy(x):
@@ -104,15 +106,21 @@ def update_seed(seed, step, index):
     return int(hash32(hash32(hash32(seed_key(seed)) ^ np.uint32(int(step) & 0xFFFFFFFF))[0] ^ np.uint32(index))[0])
 
 
-def sanitize_scores(scores):
-    """float32 scores with NaN/inf -> 0 and -0.0 -> +0.0 (one bit pattern per value)."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def sanitize_scores(scores, infinity="zero"):
+    """float32 scores, one bit pattern per value: NaN -> 0, -0.0 -> +0.0, and +-inf -> 0
+    (``infinity="zero"``: grow scores, |w|) or -> +-float32 max (``"clip"``: a ``drop_scores`` hook's)."""
     scores = np.asarray(scores, dtype=np.float32)
+    if infinity == "clip":
+        scores = np.clip(scores, -FLOAT32_MAX, FLOAT32_MAX)  # NaN stays NaN, then -> 0
     return np.where(np.isfinite(scores) & (scores != 0), scores, np.float32(0)).astype(np.float32)
 
 
-def order_keys(scores, hashes):
+def order_keys(scores, hashes, infinity="zero"):
     """int64 keys that order by float32 score first and by the hash among equal scores."""
-    bits = sanitize_scores(scores).view(np.int32)
+    bits = sanitize_scores(scores, infinity).view(np.int32)
     ordered = bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))  # monotone in the float value
     return ordered.astype(np.int64) * np.int64(2**32) + hashes.astype(np.int64)
 
@@ -125,7 +133,7 @@ def _largest(keys, m):
     return chosen
 
 
-def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False):
+def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False, drop_scores=None):
     """One RigL/SET-style update of one masked weight.
 
     Args:
@@ -137,6 +145,9 @@ def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regro
         seed: non-negative int, for the tie-breaking hash.
         reinit_regrown: treat a connection dropped and regrown in the same
             update as new (SET) instead of keeping its weight (RigL).
+        drop_scores: array of the same shape; larger = keep first, the
+            smallest active ones are dropped. ``None`` (the paper): |weight|.
+            NaN counts as 0, +-inf as the largest/smallest finite number.
 
     Returns:
         :class:`UpdateResult` with NumPy arrays.
@@ -148,9 +159,16 @@ def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regro
     n_active = int(active.sum())
     k = int(np.floor(float(drop_fraction) * n_active))
 
+    if drop_scores is None:
+        keep_scores, infinity = np.abs(w.reshape(-1)), "zero"
+    else:
+        keep_scores = _to_numpy(drop_scores)
+        if keep_scores.shape != shape:
+            raise ValueError(f"drop_scores has shape {keep_scores.shape}; it must have the mask's shape {shape}.")
+        keep_scores, infinity = keep_scores.reshape(-1), "clip"
     # Drop the k active entries with the smallest keys: the largest of the
     # bitwise-negated keys (~x = -x-1 reverses the order without overflow).
-    drop_keys = order_keys(np.abs(w.reshape(-1)), element_hashes(size, stream_key(seed, STREAM_DROP)))
+    drop_keys = order_keys(keep_scores, element_hashes(size, stream_key(seed, STREAM_DROP)), infinity)
     keep = active & ~_largest(np.where(active, ~drop_keys, EXCLUDED), k)
     grow_keys = order_keys(_to_numpy(grow_scores).reshape(-1), element_hashes(size, stream_key(seed, STREAM_GROW)))
     grow = _largest(np.where(keep, EXCLUDED, grow_keys), k)
@@ -163,6 +181,7 @@ def drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=0, reinit_regro
         removed=(active & ~new_active).reshape(shape),
         n_moved=int((grow & ~active).sum()),
         n_active=n_active,
+        n_dropped=k,
     )
 
 
