@@ -71,6 +71,19 @@ class UpdateItem:
     grow_scores: object  # same shape as the weight; larger = grow first
 
 
+class _DeviceEverActive:
+    """ITOP bookkeeping of one weight kept on the device by the compiled update: its size and count."""
+
+    def __init__(self, size, count, update, index):
+        self.size, self._count, self._update, self._index = size, count, update, index
+
+    def sum(self):
+        return self._count
+
+    def numpy(self):
+        return ops.convert_to_numpy(self._update.ever_active[self._index]).astype(bool)
+
+
 class SparseTraining(keras.callbacks.Callback):
     """Base of the sparse-training callbacks: the mechanism, no method of its own.
 
@@ -103,6 +116,13 @@ class SparseTraining(keras.callbacks.Callback):
             state (Adafactor), which is refused otherwise.
         log_dir: if given, a TensorBoard writer records per-weight sparsity
             and the number of connections moved at each update.
+        compiled: how an update runs. ``None`` (default): as one compiled
+            function on the device (:mod:`keras_rigl.compiled_update`)
+            whenever the method allows it (TensorFlow backend, the built-in
+            drop and grow scores, ``grow_init="zeros"``), else in NumPy.
+            ``True``: always compiled (an error says why it cannot be).
+            ``False``: the NumPy reference (:func:`keras_rigl.updates.drop_and_grow`).
+            Both select the same masks for the same seed.
     """
 
     #: which gradient the grow score needs: off, this step's, or its EMA
@@ -124,6 +144,7 @@ class SparseTraining(keras.callbacks.Callback):
         seed=0,
         reset_optimizer_state=True,
         log_dir=None,
+        compiled=None,
     ):
         super().__init__()
         update_freq, drop_fraction, decay, begin_step, end_step = schedule.validate(
@@ -144,6 +165,9 @@ class SparseTraining(keras.callbacks.Callback):
         if log_dir is not None and not isinstance(log_dir, (str, bytes)) and not hasattr(log_dir, "__fspath__"):
             raise ValueError(f"log_dir must be a directory path or None, got {log_dir!r}.")
         self.log_dir = None if log_dir is None else str(log_dir)
+        self.compiled = None if compiled is None else validation.check_bool("compiled", compiled)
+        self._compiled_update = None
+        self._compiled_key = None
         self.schedule = None
         self.step = None
         self._rows = []
@@ -265,22 +289,35 @@ class SparseTraining(keras.callbacks.Callback):
         (update rows, ITOP, TensorBoard). Returns the new rows.
         """
         fraction = self.drop_fraction_at(step) if self.schedule is not None else self._float_fraction()
+        on_device = self._compiled_grow_by() is not None
         items = []
         index = 0
         for layer in masked_layers(model):
             for mw in layer.masked_weights:
                 index += 1
+                seed = int(np.random.SeedSequence([self.seed, int(step), index]).generate_state(1)[0])
+                if on_device:
+                    # Scores are made on the device, and dense or empty weights
+                    # left alone there: no mask crosses to the host.
+                    items.append(UpdateItem(layer, mw, seed, None, None))
+                    continue
                 n_active = int(np.count_nonzero(ops.convert_to_numpy(mw.mask)))
                 if n_active in (0, int(np.prod(mw.mask.shape))):
                     continue  # a dense (or empty) weight has nothing to move
-                seed = int(np.random.SeedSequence([self.seed, int(step), index]).generate_state(1)[0])
                 items.append(
                     UpdateItem(layer, mw, seed, self.drop_scores(layer, mw, seed), self.grow_scores(layer, mw, seed))
                 )
         results = self._drop_and_grow_all(items, fraction, step, optimizer)
         rows = []
-        for item, result in zip(items, results):
-            self._record_active(item.masked_weight)
+        for position, (item, result) in enumerate(zip(items, results)):
+            if result is None:
+                continue  # dense or empty (device path)
+            if on_device:
+                self._ever_active[id(item.masked_weight.mask)] = _DeviceEverActive(
+                    int(np.prod(item.masked_weight.mask.shape)), result.n_ever_active, self._compiled_update, position
+                )
+            else:
+                self._record_active(item.masked_weight)
             rows.append(
                 {
                     "step": int(step),
@@ -316,8 +353,12 @@ class SparseTraining(keras.callbacks.Callback):
         On return the masks, the weights (grown ones initialised by
         ``grow_init``, removed ones 0) and the optimizer slots are written.
         This reference body runs :func:`keras_rigl.updates.drop_and_grow` in
-        NumPy weight by weight; a compiled path replaces only this method.
+        NumPy weight by weight. When the update runs compiled (see
+        ``compiled``), the items carry no scores (the device makes them),
+        include dense and empty weights, and the result of those is None.
         """
+        if self._compiled_grow_by() is not None:
+            return self._drop_and_grow_all_compiled(items, fraction, optimizer)
         results = []
         for item in items:
             mw = item.masked_weight
@@ -335,6 +376,71 @@ class SparseTraining(keras.callbacks.Callback):
                 optimizer_state.reset_slots(optimizer, mw.weight, result.grown | result.removed)
             results.append(result)
         return results
+
+    def _compiled_grow_by(self):
+        """``"gradient"``/``"random"`` when this update runs compiled, else None (NumPy)."""
+        if self.compiled is False:
+            return None
+        cls = type(self)
+        reasons = []
+        if not gradient_capture.available():
+            reasons.append(f"backend {keras.backend.backend()!r} (needs tensorflow)")
+        if cls.drop_scores is not SparseTraining.drop_scores:
+            reasons.append("a drop_scores hook of its own")
+        if cls.grow_scores is RigL.grow_scores:
+            grow_by = "gradient"
+        elif cls.grow_scores is SET.grow_scores:
+            grow_by = "random"
+        else:
+            grow_by = None
+            reasons.append("a grow_scores hook of its own")
+        if self.grow_init != "zeros":
+            reasons.append(f"grow_init={self.grow_init!r}")
+        if reasons:
+            if self.compiled:
+                raise ValueError(
+                    f"{cls.__name__}(compiled=True) cannot run compiled: {', '.join(reasons)}. "
+                    "Pass compiled=None (compiled when possible) or False."
+                )
+            return None
+        return grow_by
+
+    def _drop_and_grow_all_compiled(self, items, fraction, optimizer):
+        from keras_rigl import compiled_update
+
+        weights = [item.masked_weight for item in items]
+        key = (tuple(id(mw.mask) for mw in weights), id(optimizer), self._compiled_grow_by(), self.reset_optimizer_state)
+        if self._compiled_update is None or self._compiled_key != key:
+            self._compiled_update = compiled_update.CompiledUpdate(
+                weights,
+                grow_by=self._compiled_grow_by(),
+                reinit_regrown=self.reinit_regrown,
+                optimizer=optimizer,
+                reset_optimizer_state=self.reset_optimizer_state,
+                track_ever_active=True,
+                ever_active=[self._ever_active_array(mw) for mw in weights],
+            )
+            self._compiled_key = key
+        counts = self._compiled_update(fraction, [item.seed for item in items])
+        results = []
+        for i, item in enumerate(items):
+            size = int(np.prod(item.masked_weight.mask.shape))
+            if counts.n_active[i] in (0, size):
+                results.append(None)
+                continue
+            results.append(
+                updates.UpdateCounts(
+                    n_active=int(counts.n_active[i]),
+                    n_dropped=int(counts.n_dropped[i]),
+                    n_moved=int(counts.n_moved[i]),
+                    n_ever_active=int(counts.n_ever_active[i]),
+                )
+            )
+        return results
+
+    def _ever_active_array(self, mw):
+        value = self._ever_active.get(id(mw.mask))
+        return value.numpy() if isinstance(value, _DeviceEverActive) else value
 
     def _float_fraction(self):
         if callable(self.drop_fraction):
@@ -361,7 +467,8 @@ class SparseTraining(keras.callbacks.Callback):
     def _record_active(self, mw):
         key = id(mw.mask)
         current = ops.convert_to_numpy(mw.mask) != 0
-        self._ever_active[key] = self._ever_active.get(key, current) | current
+        previous = self._ever_active_array(mw)
+        self._ever_active[key] = (current if previous is None else previous) | current
 
     # -------------------------------------------------------------- reports
     @property
@@ -477,6 +584,7 @@ class SparseTraining(keras.callbacks.Callback):
             "seed": self.seed,
             "reset_optimizer_state": self.reset_optimizer_state,
             "log_dir": self.log_dir,
+            "compiled": self.compiled,
         }
 
     @classmethod

@@ -131,6 +131,7 @@ class UpdateCounts:
     n_active: np.ndarray
     n_dropped: np.ndarray  # k; 0 for weights that are dense or empty (left alone)
     n_moved: np.ndarray
+    n_ever_active: np.ndarray  # entries active at some point so far (-1 unless track_ever_active)
 
 
 class CompiledUpdate:
@@ -145,6 +146,9 @@ class CompiledUpdate:
         optimizer: its slots of grown and removed connections are reset, if
             ``reset_optimizer_state``. The slot list is read once, when the
             function is traced (the optimizer must be built by then).
+        track_ever_active: keep on the device, per weight, which entries were
+            ever active (for the ITOP rate) instead of copying masks to the
+            host; ``ever_active`` gives the starting arrays (default: the masks now).
         jit_compile: compile with XLA. ``top_k`` needs a static k there, so
             each selection becomes a full sort; measured slower on CPU (see
             ``benchmarks/update_scale.py``), hence off by default.
@@ -154,7 +158,7 @@ class CompiledUpdate:
     """
 
     def __init__(self, masked_weights, grow_by="gradient", reinit_regrown=False, optimizer=None,
-                 reset_optimizer_state=True, jit_compile=False):
+                 reset_optimizer_state=True, track_ever_active=False, ever_active=None, jit_compile=False):
         import tensorflow as tf
 
         if grow_by not in GROW_BY:
@@ -172,7 +176,19 @@ class CompiledUpdate:
         self.optimizer = optimizer
         self.reset_optimizer_state = bool(reset_optimizer_state)
         self.jit_compile = bool(jit_compile)
+        self.ever_active = None
+        if track_ever_active:
+            starts = ever_active or [None] * len(self.masked_weights)
+            with tf.init_scope():
+                self.ever_active = [
+                    tf.Variable(ops.convert_to_numpy(mw.mask) != 0 if start is None else np.asarray(start, bool),
+                                trainable=False, name="ever_active")
+                    for mw, start in zip(self.masked_weights, starts)
+                ]
         self._function = tf.function(self._update_all, jit_compile=self.jit_compile, autograph=False)
+        self._written = tf.function(
+            lambda: ops.stack([mw.capture.written.read_value() for mw in self.masked_weights]), autograph=False
+        )
 
     def _grow_scores(self, mw, seed):
         if self.grow_by == "random":
@@ -193,6 +209,14 @@ class CompiledUpdate:
             # One weight at a time: its temporaries die before the next one's are made.
             with tf.control_dependencies(previous):
                 counts_i, previous = self._update_one(mw, fraction, seeds[i])
+                if self.ever_active is None:
+                    counts_i += (ops.convert_to_tensor(-1, "int32"),)
+                else:
+                    ever = self.ever_active[i]
+                    with tf.control_dependencies(previous):
+                        now = ops.logical_or(ops.convert_to_tensor(ever), ops.not_equal(ops.convert_to_tensor(mw.mask), 0))
+                        previous = previous + [ever.assign(now)]
+                        counts_i += (ops.sum(ops.cast(now, "int32")),)
             counts.append(counts_i)
         with tf.control_dependencies(previous):
             return ops.stack([ops.stack(c) for c in counts])
@@ -228,5 +252,11 @@ class CompiledUpdate:
         seeds = np.asarray(seeds, dtype=np.uint32)
         if seeds.shape != (len(self.masked_weights),):
             raise ValueError(f"Expected {len(self.masked_weights)} seeds (one per masked weight), got shape {seeds.shape}.")
+        if self.grow_by == "gradient":
+            written = keras.ops.convert_to_numpy(self._written())  # one small read for every weight
+            if not (written > 0).all():
+                self.masked_weights[int(np.argmin(written))].capture.read()  # raises, naming before_step
         counts = keras.ops.convert_to_numpy(self._function(np.float64(fraction), seeds.astype(np.int64)))
-        return UpdateCounts(n_active=counts[:, 0], n_dropped=counts[:, 1], n_moved=counts[:, 2])
+        counts = counts.astype(np.int64)
+        return UpdateCounts(n_active=counts[:, 0], n_dropped=counts[:, 1], n_moved=counts[:, 2],
+                            n_ever_active=counts[:, 3])

@@ -54,6 +54,16 @@ class UpdateResult:
     n_dropped: int = 0  # k = floor(drop_fraction * n_active): connections dropped (some may regrow)
 
 
+@dataclasses.dataclass
+class UpdateCounts:
+    """What the logs need of one weight's update when it ran compiled (no arrays come back)."""
+
+    n_active: int
+    n_dropped: int
+    n_moved: int
+    n_ever_active: int  # entries active at some point so far (ITOP)
+
+
 def _to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x)) if not isinstance(x, np.ndarray) else x
 

@@ -1,5 +1,9 @@
 """The compiled (device) drop-and-grow against the NumPy reference: bit-identical masks."""
 
+import subprocess
+import sys
+import textwrap
+
 import keras
 import numpy as np
 import pytest
@@ -153,6 +157,7 @@ def test_whole_model_update_equals_the_numpy_path(grow_by, reinit):
     # a second call reuses the traced function (no retrace per step)
     update(0.1, [updates.update_seed(5, 200, i + 1) for i in range(len(weights))])
     assert update._function.experimental_get_tracing_count() == 1
+    assert (counts.n_ever_active == -1).all()  # not tracked unless asked
 
 
 def test_compiled_update_refuses_weights_without_capture():
@@ -163,3 +168,65 @@ def test_compiled_update_refuses_weights_without_capture():
         compiled_update.CompiledUpdate(weights, grow_by="gradient")
     with pytest.raises(ValueError, match="grow_by"):
         compiled_update.CompiledUpdate(weights, grow_by="magnitude")
+
+
+FIT_BOTH_WAYS = textwrap.dedent(
+    """
+    import os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import keras, numpy as np, tensorflow as tf, keras_rigl
+    tf.config.experimental.enable_op_determinism()  # in this process only: both runs must train identically
+
+    def model():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+        x = keras.layers.Flatten()(x)
+        x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
+        out = keras.layers.Dense(10, name="out")(x)
+        m = keras_rigl.sparsify(keras.Model(inp, out), 0.8, seed=0)
+        m.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 96)
+    for cls in (keras_rigl.RigL, keras_rigl.SET, keras_rigl.SNFS):
+        runs = {}
+        for compiled in (False, True):
+            m = model()
+            algo = cls(update_freq=2, drop_fraction=0.5, seed=3, compiled=compiled)
+            hist = m.fit(x, y, batch_size=16, epochs=2, callbacks=[algo], verbose=0, shuffle=False)
+            runs[compiled] = ([v.numpy() for v in m.weights] + [v.numpy() for v in m.optimizer.variables],
+                              algo.updates, hist.history["itop"], algo._compiled_update)
+        assert runs[False][3] is None and runs[True][3] is not None, "each path ran as asked"
+        assert runs[True][1]["n_moved"].sum() > 0
+        for a, b in zip(runs[False][0], runs[True][0]):
+            assert np.array_equal(a, b), cls.__name__
+        assert runs[False][1].equals(runs[True][1]), (runs[False][1], runs[True][1])
+        assert runs[False][2] == runs[True][2], "ITOP kept on the device matches the host count"
+        print("SAME", cls.__name__, len(runs[True][1]))
+    """
+)
+
+
+def test_fit_with_the_compiled_update_equals_fit_with_the_numpy_one(tmp_path):
+    """Weights, optimizer slots, update table and ITOP of RigL, SET and SNFS, bit for bit."""
+    script = tmp_path / "both.py"
+    script.write_text(FIT_BOTH_WAYS)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.stdout.count("SAME") == 3, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_compiled_true_refuses_what_it_cannot_compile():
+    class DropByGradient(keras_rigl.RigL):
+        def drop_scores(self, layer, masked_weight, seed):
+            return keras.ops.abs(masked_weight.weight * masked_weight.capture.read())
+
+    model = _model()
+    x, y = np.zeros((16, 8, 8, 1), "float32"), np.zeros(16, int)
+    for algo in (DropByGradient(update_freq=1, compiled=True), keras_rigl.RigL(update_freq=1, grow_init="random", compiled=True)):
+        with pytest.raises(ValueError, match="cannot run compiled"):
+            model.fit(x, y, batch_size=8, epochs=1, callbacks=[algo], verbose=0)
+    auto = DropByGradient(update_freq=1, end_step=100)  # default: falls back to NumPy
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[auto], verbose=0)
+    assert auto._compiled_update is None and len(auto.updates) > 0
