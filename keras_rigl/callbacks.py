@@ -46,7 +46,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_rigl import gradient_capture, optimizer_state, schedule, updates, validation
+from keras_rigl import _compat, gradient_capture, optimizer_state, schedule, updates, validation
 from keras_rigl.sparsify import masked_layers
 
 GROW_INITS = ("zeros", "random")
@@ -168,6 +168,7 @@ class SparseTraining(keras.callbacks.Callback):
         self.compiled = None if compiled is None else validation.check_bool("compiled", compiled)
         self._compiled_update = None
         self._compiled_key = None
+        self._plain_function = None
         self.schedule = None
         self.step = None
         self._rows = []
@@ -255,6 +256,11 @@ class SparseTraining(keras.callbacks.Callback):
         for layer in layers:
             for mw in layer.masked_weights:
                 self._record_active(mw)
+        if self.gradient_mode != gradient_capture.MODE_OFF:
+            # A custom loop's step, traced after this, carries the capture behind
+            # its switch; model.fit swaps in branch-free step functions instead.
+            for layer in layers:
+                layer.set_capture_trace(gradient_capture.TRACE_SWITCH)
         if self.gradient_mode == gradient_capture.MODE_EMA:
             for layer in layers:
                 layer.set_capture_mode(gradient_capture.MODE_EMA, ema_decay=self.ema_decay)
@@ -512,6 +518,7 @@ class SparseTraining(keras.callbacks.Callback):
                 f"steps_per_execution=1 in model.compile (got {steps_per_execution})."
             )
         self._planned = False
+        self._plain_function = None
         self.step = self._optimizer_step(model)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -527,6 +534,7 @@ class SparseTraining(keras.callbacks.Callback):
         plan_start = step - epoch * steps if steps else step
         self.attach(model, total_steps=total, step=step, plan_start=plan_start)
         self._planned = True
+        self._begin_fit_capture(model)
         self._sparsity = self.current_sparsity(model)
         self._itop = self.itop_rate()
         if self.schedule is not None:
@@ -542,8 +550,13 @@ class SparseTraining(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.before_step(self.model, self.step + 1)
+        if self._plain_function is not None and self.gradient_mode == gradient_capture.MODE_STORE:
+            if self.is_update_step(self.step + 1):
+                self._use_step_function(self.model, gradient_capture.TRACE_STORE)
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._plain_function is not None and self.gradient_mode == gradient_capture.MODE_STORE:
+            self._use_step_function(self.model, gradient_capture.TRACE_OFF)
         # Optimizer steps, not batches: a step skipped by a LossScaleOptimizer
         # does not advance the plan (and never updates twice).
         step = self._optimizer_step(self.model)
@@ -561,8 +574,40 @@ class SparseTraining(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self.gradient_mode != gradient_capture.MODE_OFF:
+            if self._plain_function is not None:
+                self._use_step_function(self.model, gradient_capture.TRACE_OFF)
+                self._plain_function = None
             for layer in masked_layers(self.model):
                 layer.set_capture_mode(gradient_capture.MODE_OFF)
+
+    # ------------------------------------------- capture without a per-step branch
+    # In model.fit the dense gradient is captured by step functions of their
+    # own: ordinary steps run the model's step traced with plain W * M (no
+    # custom gradient, no tf.cond), RigL's update steps a second one that
+    # always stores the gradient, SNFS every step one that always updates the
+    # moving average. Each is traced once per compiled model and kept on it.
+    def _begin_fit_capture(self, model):
+        self._plain_function = None
+        if self.gradient_mode == gradient_capture.MODE_OFF or not self.changes_masks:
+            return
+        self._plain_function = _compat.current_train_function(model)
+        trace = gradient_capture.TRACE_EMA if self.gradient_mode == gradient_capture.MODE_EMA else gradient_capture.TRACE_OFF
+        self._use_step_function(model, trace)
+
+    def _use_step_function(self, model, trace):
+        """Run the following steps with the step function traced with capture ``trace``."""
+        for layer in masked_layers(model):
+            layer.set_capture_trace(trace)
+        if trace == gradient_capture.TRACE_OFF:
+            _compat.set_train_function(model, self._plain_function)
+            return
+        cache = getattr(model, "_keras_rigl_step_functions", None)
+        if cache is None or cache[0] is not self._plain_function:  # recompiled: new functions
+            cache = (self._plain_function, {})
+            object.__setattr__(model, "_keras_rigl_step_functions", cache)
+        if trace not in cache[1]:
+            cache[1][trace] = _compat.new_train_function(model)
+        _compat.set_train_function(model, cache[1][trace])
 
     @staticmethod
     def _optimizer_step(model):

@@ -33,6 +33,17 @@ import keras
 
 MODE_OFF, MODE_STORE, MODE_EMA = 0, 1, 2
 
+# What a traced graph contains (read when a layer is traced, not when it runs):
+#   TRACE_OFF    plain W * M, no custom gradient: what ordinary steps need.
+#   TRACE_SWITCH the capture behind a tf.cond on the mode variable (one per
+#                masked weight): custom training loops, where one traced step
+#                must serve update and ordinary steps alike.
+#   TRACE_STORE  always store, no branch: the step function model.fit runs on
+#                update steps only (the callbacks swap it in).
+#   TRACE_EMA    always update the moving average, no branch (SNFS in fit).
+TRACE_OFF, TRACE_SWITCH, TRACE_STORE, TRACE_EMA = "off", "switch", "store", "ema"
+TRACES = (TRACE_OFF, TRACE_SWITCH, TRACE_STORE, TRACE_EMA)
+
 
 def available():
     return keras.backend.backend() == "tensorflow"
@@ -85,7 +96,7 @@ class GradientCapture:
         self.mode = mode_variable
         self.ema_decay = ema_decay_variable
 
-    def _record(self, grad):
+    def _record(self, grad, trace=TRACE_SWITCH):
         import tensorflow as tf
 
         grad = tf.cast(grad, self.buffer.dtype)
@@ -102,6 +113,10 @@ class GradientCapture:
         def off():
             return tf.constant(False)
 
+        if trace == TRACE_STORE:
+            return store()
+        if trace == TRACE_EMA:
+            return ema()
         mode = tf.convert_to_tensor(self.mode)
         return tf.cond(
             mode == MODE_OFF,
@@ -109,17 +124,21 @@ class GradientCapture:
             lambda: tf.cond(mode == MODE_STORE, store, ema),
         )
 
-    def masked_value(self, weight, mask):
-        """``weight * mask`` whose backward pass may record dL/d(weight*mask)."""
+    def masked_value(self, weight, mask, trace=TRACE_SWITCH):
+        """``weight * mask`` whose backward pass records dL/d(weight*mask) as ``trace`` says."""
         import tensorflow as tf
 
+        if trace not in TRACES:
+            raise ValueError(f"Unknown capture trace {trace!r}; use one of {TRACES}.")
         w = tf.convert_to_tensor(weight)
         m = tf.cast(tf.convert_to_tensor(mask), w.dtype)
+        if trace == TRACE_OFF:
+            return w * m
 
         @tf.custom_gradient
         def _masked(w_):
             def grad(upstream):
-                recorded = self._record(upstream)
+                recorded = self._record(upstream, trace)
                 with tf.control_dependencies([recorded]):
                     return tf.identity(upstream * m)
 

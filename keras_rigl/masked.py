@@ -79,6 +79,8 @@ class Masked(keras.layers.Wrapper):
         self.capture_gradients = bool(capture_gradients)
         self.supports_masking = getattr(layer, "supports_masking", False)
         object.__setattr__(self, "_masked_weights", [])
+        # Which capture the graphs traced from now on contain (gradient_capture.TRACE_*).
+        object.__setattr__(self, "_capture_trace", gradient_capture.TRACE_OFF)
 
     # ------------------------------------------------------------------ build
     def _inner_builds_from_one_shape(self):
@@ -160,7 +162,7 @@ class Masked(keras.layers.Wrapper):
     # ------------------------------------------------------------------- call
     def _effective(self, mw):
         if mw.capture is not None:
-            value = mw.capture.masked_value(mw.weight, mw.mask)
+            value = mw.capture.masked_value(mw.weight, mw.mask, self._capture_trace)
         else:
             value = keras.ops.multiply(mw.weight, keras.ops.cast(mw.mask, mw.weight.dtype))
         compute_dtype = mw.ref.owner.compute_dtype
@@ -212,9 +214,36 @@ class Masked(keras.layers.Wrapper):
                 f"or backend {keras.backend.backend()!r} is not tensorflow)."
             )
         gradient_capture.set_switches(self._capture_mode, self._capture_decay, int(mode), ema_decay)
+        if int(mode) != gradient_capture.MODE_OFF and self._capture_trace == gradient_capture.TRACE_OFF:
+            # Graphs traced from now on (and eager calls) obey the switch.
+            self.set_capture_trace(gradient_capture.TRACE_SWITCH)
         if int(mode) != gradient_capture.MODE_OFF:
             for mw in self._masked_weights:
                 mw.capture.clear_written()
+
+    @property
+    def capture_trace(self):
+        """Which capture the graphs traced from now on contain (``gradient_capture.TRACE_*``)."""
+        return self._capture_trace
+
+    def set_capture_trace(self, trace):
+        """Choose what a graph traced from now on computes for the dense gradient.
+
+        ``"off"`` (the default): plain ``W * M``, nothing captured, no
+        per-step cost beyond the product. ``"switch"``: capture behind a
+        ``tf.cond`` on :meth:`set_capture_mode` (custom training loops; the
+        callbacks' ``attach`` sets it). ``"store"`` / ``"ema"``: always capture,
+        no branch (the step functions ``model.fit`` swaps in). Graphs traced
+        earlier keep what they were traced with.
+        """
+        if trace not in gradient_capture.TRACES:
+            raise ValueError(f"Unknown capture trace {trace!r}; use one of {gradient_capture.TRACES}.")
+        if trace != gradient_capture.TRACE_OFF and (not self.capture_gradients or not gradient_capture.available()):
+            raise RuntimeError(
+                f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
+                f"or backend {keras.backend.backend()!r} is not tensorflow)."
+            )
+        object.__setattr__(self, "_capture_trace", trace)
 
     # --------------------------------------------------------------- masks IO
     def get_masks(self):

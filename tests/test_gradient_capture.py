@@ -112,3 +112,71 @@ def test_captured_gradient_is_the_mean_over_replicas(tmp_path):
     script.write_text(MEAN_OVER_REPLICAS)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert "MEAN_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _step_graph_ops(model, trace):
+    """Op types of one traced training step (forward, backward, SGD) with capture ``trace``."""
+    import tensorflow as tf
+
+    for layer in keras_rigl.masked_layers(model):
+        layer.set_capture_trace(trace)
+    opt = keras.optimizers.SGD(0.01)
+    opt.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+    graph = step.get_concrete_function(tf.TensorSpec((None, 8, 8, 1)), tf.TensorSpec((None,), tf.int64)).graph
+
+    def walk(g):
+        for op in g.get_operations():
+            yield op.type
+        for f in g._functions.values():  # bodies of tf.cond and custom gradients
+            yield from walk(f.graph)
+
+    return list(walk(graph))
+
+
+def test_ordinary_steps_carry_no_branch_and_no_capture():
+    model = _model()
+    n_masked = sum(len(l.masked_weights) for l in keras_rigl.masked_layers(model))
+    off, switch, store = (_step_graph_ops(model, t) for t in ("off", "switch", "store"))
+    branches = lambda ops: sum(t in ("If", "StatelessIf") for t in ops)  # noqa: E731
+    assert branches(off) == 0 and branches(store) == 0
+    assert branches(switch) >= n_masked  # the custom-loop step: one tf.cond per masked weight
+    assert "AssignVariableOp" not in off or off.count("AssignVariableOp") < store.count("AssignVariableOp")
+    assert store.count("AssignVariableOp") >= off.count("AssignVariableOp") + 2 * n_masked  # buffer + written flag
+
+
+def test_fit_captures_only_on_update_steps():
+    """model.fit runs the branch-free plain step between updates and the storing step on them."""
+
+    class Probe(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.written = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            for layer in keras_rigl.masked_layers(self.model):
+                for mw in layer.masked_weights:
+                    mw.capture.clear_written()
+
+        def on_train_batch_end(self, batch, logs=None):
+            mw = keras_rigl.masked_layers(self.model)[1].masked_weights[0]
+            self.written.append(mw.capture.was_written())
+
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rigl = keras_rigl.RigL(update_freq=3, end_step=100, seed=0)
+    probe = Probe()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(128, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 128)
+    # the probe clears the flags after RigL switched capture on, and reads them after the step
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[rigl, probe], verbose=0)
+    assert probe.written == [s % 3 == 0 for s in range(1, 9)]
+    assert sorted(rigl.updates["step"].unique()) == [3, 6]
+    assert all(l.capture_trace == "off" for l in keras_rigl.masked_layers(model))
