@@ -169,6 +169,7 @@ class SparseTraining(keras.callbacks.Callback):
         self._compiled_update = None
         self._compiled_key = None
         self._plain_function = None
+        self._updating_model = None
         self.schedule = None
         self.step = None
         self._rows = []
@@ -296,6 +297,7 @@ class SparseTraining(keras.callbacks.Callback):
         """
         fraction = self.drop_fraction_at(step) if self.schedule is not None else self._float_fraction()
         on_device = self._compiled_grow_by() is not None
+        self._updating_model = model
         items = []
         index = 0
         for layer in masked_layers(model):
@@ -415,18 +417,28 @@ class SparseTraining(keras.callbacks.Callback):
         from keras_rigl import compiled_update
 
         weights = [item.masked_weight for item in items]
-        key = (tuple(id(mw.mask) for mw in weights), id(optimizer), self._compiled_grow_by(), self.reset_optimizer_state)
+        key = (tuple(id(mw.mask) for mw in weights), id(optimizer), self._compiled_grow_by(), self.reinit_regrown,
+               self.reset_optimizer_state)
         if self._compiled_update is None or self._compiled_key != key:
-            self._compiled_update = compiled_update.CompiledUpdate(
-                weights,
-                grow_by=self._compiled_grow_by(),
-                reinit_regrown=self.reinit_regrown,
-                optimizer=optimizer,
-                reset_optimizer_state=self.reset_optimizer_state,
-                track_ever_active=True,
-                ever_active=[self._ever_active_array(mw) for mw in weights],
-            )
+            # Kept on the model: a new callback (every fit, every benchmark round)
+            # reuses the traced function instead of tracing it again.
+            model = self._updating_model
+            cache = getattr(model, "_keras_rigl_compiled_updates", None)
+            if cache is None:
+                cache = {}
+                object.__setattr__(model, "_keras_rigl_compiled_updates", cache)
+            if key not in cache:
+                cache[key] = compiled_update.CompiledUpdate(
+                    weights,
+                    grow_by=self._compiled_grow_by(),
+                    reinit_regrown=self.reinit_regrown,
+                    optimizer=optimizer,
+                    reset_optimizer_state=self.reset_optimizer_state,
+                    track_ever_active=True,
+                )
+            self._compiled_update = cache[key]
             self._compiled_key = key
+            self._compiled_update.reset_ever_active([self._ever_active_array(mw) for mw in weights])
         counts = self._compiled_update(fraction, [item.seed for item in items])
         results = []
         for i, item in enumerate(items):

@@ -88,14 +88,22 @@ def random_scores(shape, seed):
     return ops.reshape(ops.multiply(ops.cast(draws, "float32"), 2.0**-24), shape)
 
 
-def _largest(keys, k, size):
-    """Boolean selection of the ``k`` (tensor) largest keys, distinct among candidates."""
-    _, indices = ops.top_k(keys, k, sorted=False)
-    hits = ops.ones_like(indices, dtype="int32")
+def _largest(keys, k, size, static_k=False):
+    """Boolean selection of the ``k`` (tensor) largest keys, distinct among candidates.
+
+    ``static_k``: XLA needs a compile-time k, so rank all ``size`` keys and
+    keep the first ``k`` ranks.
+    """
+    if static_k:
+        _, indices = ops.top_k(keys, size, sorted=True)
+        hits = ops.cast(ops.less(ops.arange(size, dtype="int32"), k), "int32")
+    else:
+        _, indices = ops.top_k(keys, k, sorted=False)
+        hits = ops.ones_like(indices, dtype="int32")
     return ops.scatter(ops.expand_dims(indices, -1), hits, (size,)) > 0
 
 
-def select(weight, mask, grow_scores, k, seed, reinit_regrown):
+def select(weight, mask, grow_scores, k, seed, reinit_regrown, static_k=False):
     """One weight's drop-and-grow as tensors; the same sets as :func:`updates.drop_and_grow`.
 
     Args:
@@ -103,6 +111,7 @@ def select(weight, mask, grow_scores, k, seed, reinit_regrown):
         k: int32 scalar tensor, connections to drop (and grow).
         seed: integer scalar tensor in [0, 2**32).
         reinit_regrown: Python bool (see :func:`updates.drop_and_grow`).
+        static_k: rank every entry instead of a top-k of dynamic size (for XLA).
 
     Returns:
         ``(new_active, grown, removed, n_moved)``, flat booleans and an int32 scalar.
@@ -111,10 +120,10 @@ def select(weight, mask, grow_scores, k, seed, reinit_regrown):
     active = ops.not_equal(ops.reshape(mask, (-1,)), 0)
     excluded = ops.convert_to_tensor(updates.EXCLUDED, dtype="int64")
     drop_keys = order_keys(ops.abs(ops.reshape(weight, (-1,))), element_hashes(size, stream_key(seed, updates.STREAM_DROP)))
-    dropped = _largest(ops.where(active, ops.bitwise_invert(drop_keys), excluded), k, size)
+    dropped = _largest(ops.where(active, ops.bitwise_invert(drop_keys), excluded), k, size, static_k)
     keep = ops.logical_and(active, ops.logical_not(dropped))
     grow_keys = order_keys(ops.reshape(grow_scores, (-1,)), element_hashes(size, stream_key(seed, updates.STREAM_GROW)))
-    grow = _largest(ops.where(keep, excluded, grow_keys), k, size)
+    grow = _largest(ops.where(keep, excluded, grow_keys), k, size, static_k)
     new_active = ops.logical_or(keep, grow)
     was = keep if reinit_regrown else active
     grown = ops.logical_and(grow, ops.logical_not(was))
@@ -190,6 +199,11 @@ class CompiledUpdate:
             lambda: ops.stack([mw.capture.written.read_value() for mw in self.masked_weights]), autograph=False
         )
 
+    def reset_ever_active(self, arrays):
+        """Start the ever-active record again from ``arrays`` (None: the mask now), without retracing."""
+        for variable, mw, start in zip(self.ever_active or [], self.masked_weights, arrays):
+            variable.assign(ops.convert_to_numpy(mw.mask) != 0 if start is None else np.asarray(start, bool))
+
     def _grow_scores(self, mw, seed):
         if self.grow_by == "random":
             return random_scores(tuple(mw.mask.shape), seed)
@@ -232,7 +246,7 @@ class CompiledUpdate:
         movable = ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size))
         k = ops.where(movable, k, 0)
         new_active, grown, removed, n_moved = select(
-            weight, mask, self._grow_scores(mw, seed), k, seed, self.reinit_regrown
+            weight, mask, self._grow_scores(mw, seed), k, seed, self.reinit_regrown, static_k=self.jit_compile
         )
         new_mask = ops.reshape(ops.cast(new_active, mw.mask.dtype), shape)
         grown = ops.reshape(grown, shape)
