@@ -63,6 +63,13 @@ def make_switches(ema_decay=0.9):
     return mode, decay
 
 
+def current_strategy():
+    """The ``tf.distribute`` strategy in scope now: buffers made later must be made under it."""
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy()
+
+
 def set_switches(mode_variable, decay_variable, mode, ema_decay=None):
     if mode not in (MODE_OFF, MODE_STORE, MODE_EMA):
         raise ValueError(f"Unknown capture mode {mode!r}; use MODE_OFF (0), MODE_STORE (1) or MODE_EMA (2).")
@@ -74,10 +81,13 @@ def set_switches(mode_variable, decay_variable, mode, ema_decay=None):
 class GradientCapture:
     """Buffer and switch for the dense gradient of one masked weight."""
 
-    def __init__(self, shape, dtype, name, mode_variable, ema_decay_variable):
+    def __init__(self, shape, dtype, name, mode_variable, ema_decay_variable, strategy=None):
+        import contextlib
+
         import tensorflow as tf
 
-        with tf.init_scope():
+        # Under the strategy the layer was built in, so that each replica has its buffer.
+        with strategy.scope() if strategy is not None else contextlib.nullcontext(), tf.init_scope():
             self.buffer = tf.Variable(
                 tf.zeros(shape, dtype=dtype),
                 trainable=False,

@@ -29,7 +29,9 @@ class MaskedWeight:
     weight: keras.Variable
     mask: keras.Variable
     ref: maskable.WeightRef
-    capture: object = None  # GradientCapture, or None off TensorFlow
+    # GradientCapture: made when a gradient method first needs it (Masked.set_capture_mode /
+    # set_capture_trace, which RigL's and SNFS's attach call); None before, and off TensorFlow.
+    capture: object = None
 
     @property
     def path(self):
@@ -46,9 +48,11 @@ class Masked(keras.layers.Wrapper):
             with :class:`keras_rigl.MaskableLayer` / :func:`keras_rigl.register_maskable`).
         mask_depthwise: also mask depthwise kernels (DepthwiseConv layers, the
             depthwise part of SeparableConv). Off by default, as in the paper.
-        capture_gradients: keep a buffer per masked weight for the dense
-            gradient that RigL and SNFS grow by (TensorFlow backend only).
-            Turn off to save memory when the masks are fixed.
+        capture_gradients: allow a buffer per masked weight for the dense
+            gradient that RigL and SNFS grow by (TensorFlow backend only). The
+            buffers are made when RigL or SNFS first attaches (or
+            :meth:`set_capture_mode` / :meth:`set_capture_trace` asks), so a
+            model trained without them holds none.
 
     The masks start all ones (dense); :func:`keras_rigl.sparsify` or
     :func:`keras_rigl.initialize_masks` set them. Masks are non-trainable
@@ -118,6 +122,7 @@ class Masked(keras.layers.Wrapper):
             mode, decay = gradient_capture.make_switches()
             object.__setattr__(self, "_capture_mode", mode)
             object.__setattr__(self, "_capture_decay", decay)
+            object.__setattr__(self, "_capture_strategy", gradient_capture.current_strategy())
         masked = []
         for ref in refs:
             mask = self.add_weight(
@@ -127,18 +132,24 @@ class Masked(keras.layers.Wrapper):
                 initializer="ones",
                 trainable=False,
             )
-            capture = None
-            if capture_on:
-                capture = gradient_capture.GradientCapture(
-                    ref.variable.shape,
-                    ref.variable.dtype,
-                    ref.name.replace("/", "_"),
-                    self._capture_mode,
-                    self._capture_decay,
-                )
-            masked.append(MaskedWeight(ref.name, ref.variable, mask, ref, capture))
+            masked.append(MaskedWeight(ref.name, ref.variable, mask, ref))
         # Keep our own bookkeeping out of Keras' attribute tracking.
         object.__setattr__(self, "_masked_weights", masked)
+
+    def _ensure_captures(self):
+        """Make the dense-gradient buffers on first need: a model that never grows by the
+        gradient (Static, SET, inference) never holds a second copy of its masked weights."""
+        for mw in self._masked_weights:
+            if mw.capture is None:
+                capture = gradient_capture.GradientCapture(
+                    mw.weight.shape,
+                    mw.weight.dtype,
+                    mw.ref.name.replace("/", "_"),
+                    self._capture_mode,
+                    self._capture_decay,
+                    self._capture_strategy,
+                )
+                object.__setattr__(mw, "capture", capture)  # in place: callers may hold this MaskedWeight
 
     def get_build_config(self):
         config = super().get_build_config() or {}
@@ -213,6 +224,8 @@ class Masked(keras.layers.Wrapper):
                 f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
                 f"or backend {keras.backend.backend()!r} is not tensorflow)."
             )
+        if int(mode) != gradient_capture.MODE_OFF:
+            self._ensure_captures()
         gradient_capture.set_switches(self._capture_mode, self._capture_decay, int(mode), ema_decay)
         if int(mode) != gradient_capture.MODE_OFF and self._capture_trace == gradient_capture.TRACE_OFF:
             # Graphs traced from now on (and eager calls) obey the switch.
@@ -243,6 +256,8 @@ class Masked(keras.layers.Wrapper):
                 f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
                 f"or backend {keras.backend.backend()!r} is not tensorflow)."
             )
+        if trace != gradient_capture.TRACE_OFF:
+            self._ensure_captures()
         object.__setattr__(self, "_capture_trace", trace)
 
     # --------------------------------------------------------------- masks IO

@@ -180,3 +180,20 @@ def test_fit_captures_only_on_update_steps():
     assert probe.written == [s % 3 == 0 for s in range(1, 9)]
     assert sorted(rigl.updates["step"].unique()) == [3, 6]
     assert all(l.capture_trace == "off" for l in keras_rigl.masked_layers(model))
+
+
+def test_gradient_buffers_exist_only_once_a_gradient_method_needs_them():
+    """Static / SET / plain sparse models hold no second copy of their masked weights."""
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    weights = [mw for l in keras_rigl.masked_layers(model) for mw in l.masked_weights]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[keras_rigl.SET(update_freq=1, end_step=2)])
+    assert all(mw.capture is None for mw in weights)
+    n_variables = len(model.variables)
+    rigl = keras_rigl.RigL(update_freq=1, end_step=100)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[rigl])
+    assert all(mw.capture is not None for mw in weights)  # the same objects the caller holds
+    assert len(rigl.updates) > 0
+    assert len(model.variables) == n_variables  # buffers stay out of the model's (saved) variables
