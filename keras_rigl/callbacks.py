@@ -602,7 +602,11 @@ class SparseTraining(keras.callbacks.Callback):
         self._plain_function = None
         if self.gradient_mode == gradient_capture.MODE_OFF or not self.changes_masks:
             return
-        self._plain_function = _compat.current_train_function(model)
+        current = _compat.current_train_function(model)
+        cache = getattr(model, "_keras_rigl_step_functions", None)
+        if cache is not None and any(current is f for f in cache[1].values()):
+            current = cache[0]  # a fit interrupted inside a capture step left that step in place
+        self._plain_function = current
         trace = gradient_capture.TRACE_EMA if self.gradient_mode == gradient_capture.MODE_EMA else gradient_capture.TRACE_OFF
         self._use_step_function(model, trace)
 
