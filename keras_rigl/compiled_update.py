@@ -103,7 +103,22 @@ def _largest(keys, k, size, static_k=False):
     return ops.scatter(ops.expand_dims(indices, -1), hits, (size,)) > 0
 
 
-def select(weight, mask, grow_scores, k, seed, reinit_regrown, static_k=False):
+def candidate_keys(weight, mask, grow_scores, seed):
+    """The elementwise part of one weight's update (flat): ``(active, drop_keys, grow_keys)``.
+
+    ``drop_keys`` are negated (largest = dropped first) and EXCLUDED where
+    inactive. Some thirty elementwise integer operations per entry and no
+    data-dependent shape: what XLA fuses into one pass (``fuse_keys``).
+    """
+    size = int(np.prod(mask.shape))
+    active = ops.not_equal(ops.reshape(mask, (-1,)), 0)
+    excluded = ops.convert_to_tensor(updates.EXCLUDED, dtype="int64")
+    drop_keys = order_keys(ops.abs(ops.reshape(weight, (-1,))), element_hashes(size, stream_key(seed, updates.STREAM_DROP)))
+    grow_keys = order_keys(ops.reshape(grow_scores, (-1,)), element_hashes(size, stream_key(seed, updates.STREAM_GROW)))
+    return active, ops.where(active, ops.bitwise_invert(drop_keys), excluded), grow_keys
+
+
+def select(weight, mask, grow_scores, k, seed, reinit_regrown, static_k=False, keys_fn=candidate_keys):
     """One weight's drop-and-grow as tensors; the same sets as :func:`updates.drop_and_grow`.
 
     Args:
@@ -112,17 +127,16 @@ def select(weight, mask, grow_scores, k, seed, reinit_regrown, static_k=False):
         seed: integer scalar tensor in [0, 2**32).
         reinit_regrown: Python bool (see :func:`updates.drop_and_grow`).
         static_k: rank every entry instead of a top-k of dynamic size (for XLA).
+        keys_fn: :func:`candidate_keys` or a compiled version of it.
 
     Returns:
         ``(new_active, grown, removed, n_moved)``, flat booleans and an int32 scalar.
     """
     size = int(np.prod(mask.shape))
-    active = ops.not_equal(ops.reshape(mask, (-1,)), 0)
     excluded = ops.convert_to_tensor(updates.EXCLUDED, dtype="int64")
-    drop_keys = order_keys(ops.abs(ops.reshape(weight, (-1,))), element_hashes(size, stream_key(seed, updates.STREAM_DROP)))
-    dropped = _largest(ops.where(active, ops.bitwise_invert(drop_keys), excluded), k, size, static_k)
+    active, drop_candidates, grow_keys = keys_fn(weight, mask, grow_scores, seed)
+    dropped = _largest(drop_candidates, k, size, static_k)
     keep = ops.logical_and(active, ops.logical_not(dropped))
-    grow_keys = order_keys(ops.reshape(grow_scores, (-1,)), element_hashes(size, stream_key(seed, updates.STREAM_GROW)))
     grow = _largest(ops.where(keep, excluded, grow_keys), k, size, static_k)
     new_active = ops.logical_or(keep, grow)
     was = keep if reinit_regrown else active
@@ -158,7 +172,11 @@ class CompiledUpdate:
         track_ever_active: keep on the device, per weight, which entries were
             ever active (for the ITOP rate) instead of copying masks to the
             host; ``ever_active`` gives the starting arrays (default: the masks now).
-        jit_compile: compile with XLA. ``top_k`` needs a static k there, so
+        fuse_keys: compile only the elementwise key computation
+            (:func:`candidate_keys`) with XLA, keeping the top-k of dynamic size
+            (default): one fused pass instead of some thirty, measured 4.5x
+            faster on a 2M-entry weight on CPU, with identical results.
+        jit_compile: compile everything with XLA. ``top_k`` needs a static k there, so
             each selection becomes a full sort; measured slower on CPU (see
             ``benchmarks/update_scale.py``), hence off by default.
 
@@ -167,7 +185,8 @@ class CompiledUpdate:
     """
 
     def __init__(self, masked_weights, grow_by="gradient", reinit_regrown=False, optimizer=None,
-                 reset_optimizer_state=True, track_ever_active=False, ever_active=None, jit_compile=False):
+                 reset_optimizer_state=True, track_ever_active=False, ever_active=None, jit_compile=False,
+                 fuse_keys=True):
         import tensorflow as tf
 
         if grow_by not in GROW_BY:
@@ -194,6 +213,11 @@ class CompiledUpdate:
                                 trainable=False, name="ever_active")
                     for mw, start in zip(self.masked_weights, starts)
                 ]
+        self._keys_fn = candidate_keys
+        if fuse_keys and not self.jit_compile:
+            fused = tf.function(candidate_keys, jit_compile=True, autograph=False)
+            # tf.identity: hand the XLA function tensors (the values read now), never variables.
+            self._keys_fn = lambda *args: fused(*[tf.identity(x) for x in args])
         self._function = tf.function(self._update_all, jit_compile=self.jit_compile, autograph=False)
         self._written = tf.function(
             lambda: ops.stack([mw.capture.written.read_value() for mw in self.masked_weights]), autograph=False
@@ -246,7 +270,8 @@ class CompiledUpdate:
         movable = ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size))
         k = ops.where(movable, k, 0)
         new_active, grown, removed, n_moved = select(
-            weight, mask, self._grow_scores(mw, seed), k, seed, self.reinit_regrown, static_k=self.jit_compile
+            weight, mask, self._grow_scores(mw, seed), k, seed, self.reinit_regrown, static_k=self.jit_compile,
+            keys_fn=self._keys_fn,
         )
         new_mask = ops.reshape(ops.cast(new_active, mw.mask.dtype), shape)
         grown = ops.reshape(grown, shape)

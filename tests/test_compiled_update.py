@@ -116,8 +116,9 @@ def _model(seed=0):
     return model
 
 
+@pytest.mark.parametrize("fuse_keys", [True, False], ids=["xla_keys", "plain"])
 @pytest.mark.parametrize("grow_by,reinit", [("gradient", False), ("random", True)])
-def test_whole_model_update_equals_the_numpy_path(grow_by, reinit):
+def test_whole_model_update_equals_the_numpy_path(grow_by, reinit, fuse_keys):
     model = _model()
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 32)
@@ -144,7 +145,7 @@ def test_whole_model_update_equals_the_numpy_path(grow_by, reinit):
     assert any(r.n_moved > 0 for r, _, _ in expected)
 
     update = compiled_update.CompiledUpdate(weights, grow_by=grow_by, reinit_regrown=reinit,
-                                            optimizer=model.optimizer)
+                                            optimizer=model.optimizer, fuse_keys=fuse_keys)
     counts = update(fraction, seeds)
     for i, (mw, (r, new_w, slots)) in enumerate(zip(weights, expected)):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.mask), r.new_mask)
