@@ -91,6 +91,29 @@ def inbound_nodes(operation):
     return list(operation._inbound_nodes)
 
 
+def optimizer_slot_lists(optimizer):
+    """``[(attribute name, list)]``: the optimizer's per-variable state lists, aligned with its variables.
+
+    Why private: Keras optimizers keep each kind of per-variable state in a
+    list attribute aligned with ``optimizer_trainable_variables`` (public for
+    ``SGD.momentums``, private for ``Adam._momentums``, ``Adagrad._accumulators``,
+    the ``use_ema`` average ``_model_variables_moving_average``...); the public
+    ``optimizer.variables`` is one flat list that says nothing about which
+    model variable a slot belongs to. Any list of the right length whose
+    entries are all variables (or None) is taken, so optimizers with the same
+    layout work without being listed here.
+    """
+    n = len(optimizer_trainable_variables(optimizer))
+    found = []
+    for name, value in vars(optimizer).items():
+        if name in ("_trainable_variables", "_variables", "_tracker") or not isinstance(value, (list, tuple)):
+            continue
+        if len(value) != n or not value or not all(isinstance(v, (keras.Variable, type(None))) for v in value):
+            continue
+        found.append((name, list(value)))
+    return found
+
+
 def current_train_function(model):
     """The step function ``model.fit`` calls for the next batch.
 

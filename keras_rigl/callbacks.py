@@ -239,6 +239,9 @@ class SparseTraining(keras.callbacks.Callback):
         steps (not needed with ``end_step``), ``step`` the optimizer step
         now, ``plan_start`` the step at which the planned run began.
         """
+        total_steps = validation.check_optional_int("total_steps", total_steps, 1, hint=" (planned optimizer steps)")
+        step = validation.check_int("step", step, 0, hint=" (the optimizer step now)")
+        plan_start = validation.check_int("plan_start", plan_start, hint=" (the step the planned run began at)")
         layers = masked_layers(model)
         if not layers:
             raise ValueError(
@@ -552,11 +555,13 @@ class SparseTraining(keras.callbacks.Callback):
         if self.schedule is not None:
             last = step + (epochs - epoch) * steps if epochs and steps else None
             if (last is not None and not self.schedule.update_steps(last, step + 1)) or self.schedule.end_step <= step:
+                plan = self.schedule
+                first = plan.plan_start + (plan.begin_step or plan.update_freq)
                 warnings.warn(
                     f"{type(self).__name__}: no mask update in this fit (optimizer steps {step + 1}.."
-                    f"{last if last is not None else '?'}; updates every {self.update_freq} steps from step "
-                    f"{self.schedule.plan_start + self.begin_step} to end_step {self.schedule.end_step}): "
-                    "the masks stay as they are. Lower update_freq, raise end_step/end_fraction, or train longer.",
+                    f"{last if last is not None else '?'}; updates every {plan.update_freq} steps from step "
+                    f"{first} up to end_step {plan.end_step}): the masks stay as they are. Lower update_freq, "
+                    "raise end_step/end_fraction, or train longer.",
                     stacklevel=2,
                 )
 

@@ -279,7 +279,10 @@ class CompiledUpdate:
         writes = [mw.mask.assign(new_mask), mw.weight.assign(new_weight)]
         changed = ops.reshape(ops.logical_or(grown, ops.reshape(removed, shape)), shape)
         for slot, reset_value in self._slots(mw):
-            fresh = ops.full(shape, reset_value, dtype=slot.dtype)
+            if reset_value == optimizer_state.FOLLOW_WEIGHT:  # the use_ema average starts at the new weight
+                fresh = ops.cast(new_weight, slot.dtype)
+            else:
+                fresh = ops.full(shape, reset_value, dtype=slot.dtype)
             writes.append(slot.assign(ops.where(changed, fresh, ops.convert_to_tensor(slot))))
         return (n_active, k, n_moved), [w.op if hasattr(w, "op") else w for w in writes]
 

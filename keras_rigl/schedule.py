@@ -94,9 +94,17 @@ class UpdateSchedule:
     plan_start: int = 0
 
     def __post_init__(self):
-        validate(self.update_freq, self.drop_fraction, self.decay, self.begin_step)
-        validation.check_int("end_step", self.end_step, self.plan_start + self.begin_step + 1,
-                             hint=" (the last update step; it must come after begin_step)")
+        values = validate(self.update_freq, self.drop_fraction, self.decay, self.begin_step)
+        plan_start = validation.check_int("plan_start", self.plan_start)
+        end_step = validation.check_int(
+            "end_step", self.end_step, plan_start + values[3] + 1,
+            hint=" (the last update step; it must come after begin_step)",
+        )
+        # frozen: store the plain Python values the checks returned
+        for name, value in zip(("update_freq", "drop_fraction", "decay", "begin_step"), values[:4]):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "end_step", end_step)
+        object.__setattr__(self, "plan_start", plan_start)
 
     def is_update_step(self, step):
         offset = step - self.plan_start - self.begin_step

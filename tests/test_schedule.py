@@ -44,3 +44,47 @@ def test_bad_schedules_are_refused(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         schedule.UpdateSchedule(**args)
+
+
+def test_plan_start_shifts_the_updates_and_restarts_the_decay():
+    s = schedule.UpdateSchedule(update_freq=3, drop_fraction=0.3, end_step=28, plan_start=16)
+    assert s.update_steps(40) == [19, 22, 25, 28]
+    assert s.update_steps(40, first_step=23) == [25, 28]
+    assert not s.is_update_step(16) and not s.is_update_step(31)
+    assert s.fraction(22) == pytest.approx(0.15 * (1 + math.cos(math.pi * 6 / 12)))
+
+
+def test_begin_step_counts_from_the_plan_start():
+    s = schedule.UpdateSchedule(update_freq=5, drop_fraction=0.3, end_step=40, begin_step=2, plan_start=10)
+    assert s.update_steps(100) == [12, 17, 22, 27, 32, 37]
+
+
+def test_callable_drop_fraction_gets_the_absolute_step_and_is_checked():
+    s = schedule.UpdateSchedule(update_freq=1, drop_fraction=lambda step: step / 100, end_step=50, plan_start=10)
+    assert s.fraction(30) == 0.3
+    bad = schedule.UpdateSchedule(update_freq=1, drop_fraction=lambda step: float("nan"), end_step=50)
+    with pytest.raises(ValueError, match=r"^drop_fraction\(4\)"):
+        bad.fraction(4)
+
+
+def test_decayed_fraction_is_serializable():
+    import keras
+
+    sched = schedule.DecayedFraction(0.4, 1000, "linear")
+    assert sched(250) == pytest.approx(0.3)
+    assert sched(1001) == 0.0
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(sched))
+    assert isinstance(again, schedule.DecayedFraction) and again == sched
+    with pytest.raises(ValueError, match="^initial_fraction"):
+        schedule.DecayedFraction(0.0, 10)
+    with pytest.raises(ValueError, match="^end_step"):
+        schedule.DecayedFraction(0.3, 0)
+
+
+def test_numpy_integers_are_accepted():
+    import numpy as np
+
+    s = schedule.UpdateSchedule(update_freq=np.int64(10), drop_fraction=np.float32(0.5), end_step=np.int64(30),
+                                begin_step=np.int32(0))
+    assert s.update_steps(100) == [10, 20, 30]
+    assert schedule.validate(np.int64(10), 0.3, "cosine", np.int64(0))[0] == 10
