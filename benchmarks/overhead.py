@@ -2,11 +2,13 @@
 
 Variants, interleaved round by round so that machine noise hits all alike:
   dense      - the plain Keras model
-  masked     - sparsify()'d model, no callback (static sparse: cost of the masks alone)
+  masked     - sparsify()'d model, no callback (static sparse: cost of the masks alone,
+               W * M with no capture: ordinary steps of a RigL fit run the same graph)
   rigl       - sparsify()'d model + keras_rigl.RigL(update_freq=ΔT)
 Each round runs one `fit` of the same number of steps per variant; reported
 are the minimum and median over rounds and the ratios to dense.
-Also measured: the cost of one mask update (RigL.update_masks), in training steps.
+Also measured: the cost of one mask update (RigL.update_masks, compiled path), in training steps.
+benchmarks/update_scale.py compares the NumPy and compiled updates and larger models.
 
 Run:  python benchmarks/overhead.py [--rounds 7] [--steps 200] [--batch 128] [--update-freq 100]
 """
@@ -127,7 +129,7 @@ def main(argv=None):
     extra_med = statistics.median(extra_times)
     print(f"alternative, an extra gradient pass per update: median {extra_med * 1e3:.1f} ms "
           f"= {extra_med / step_med:.2f} training steps per update, on top of the update itself; "
-          f"capture in the backward pass costs the 'masked' row above on every step instead")
+          f"the capture runs in a second step function on update steps only (no per-step branch)")
     return times
 
 

@@ -135,3 +135,31 @@ def optimizer_slot_lists(optimizer):
             continue
         found.append((name, list(value)))
     return found
+
+
+def current_train_function(model):
+    """The step function ``model.fit`` calls for the next batch.
+
+    Why private: Keras offers no public hook to run a different compiled step
+    for chosen batches; its TensorFlow trainer looks ``model.train_function``
+    up before every step, so a callback can swap one in for a batch.
+    """
+    return model.train_function
+
+
+def set_train_function(model, function):
+    """Make ``model.fit`` call ``function`` for the following steps (see :func:`current_train_function`)."""
+    model.train_function = function
+
+
+def new_train_function(model):
+    """A second step function of ``model`` (traced on its first call), leaving the current one in place.
+
+    Why private: ``make_train_function(force=True)`` is the only way Keras
+    builds a step function, and it installs it as ``model.train_function``.
+    """
+    current = model.train_function
+    model.make_train_function(force=True)
+    function = model.train_function
+    model.train_function = current
+    return function

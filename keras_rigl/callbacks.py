@@ -46,7 +46,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_rigl import gradient_capture, optimizer_state, schedule, updates, validation
+from keras_rigl import _compat, gradient_capture, optimizer_state, schedule, updates, validation
 from keras_rigl.sparsify import masked_layers
 
 GROW_INITS = ("zeros", "random")
@@ -69,6 +69,19 @@ class UpdateItem:
     seed: int  # from (callback seed, step, weight index): the same in a resumed run
     drop_scores: object  # same shape as the weight; larger = keep
     grow_scores: object  # same shape as the weight; larger = grow first
+
+
+class _DeviceEverActive:
+    """ITOP bookkeeping of one weight kept on the device by the compiled update: its size and count."""
+
+    def __init__(self, size, count, update, index):
+        self.size, self._count, self._update, self._index = size, count, update, index
+
+    def sum(self):
+        return self._count
+
+    def numpy(self):
+        return ops.convert_to_numpy(self._update.ever_active[self._index]).astype(bool)
 
 
 class SparseTraining(keras.callbacks.Callback):
@@ -103,6 +116,13 @@ class SparseTraining(keras.callbacks.Callback):
             state (Adafactor), which is refused otherwise.
         log_dir: if given, a TensorBoard writer records per-weight sparsity
             and the number of connections moved at each update.
+        compiled: how an update runs. ``None`` (default): as one compiled
+            function on the device (:mod:`keras_rigl.compiled_update`)
+            whenever the method allows it (TensorFlow backend, the built-in
+            drop and grow scores, ``grow_init="zeros"``), else in NumPy.
+            ``True``: always compiled (an error says why it cannot be).
+            ``False``: the NumPy reference (:func:`keras_rigl.updates.drop_and_grow`).
+            Both select the same masks for the same seed.
     """
 
     #: which gradient the grow score needs: off, this step's, or its EMA
@@ -124,6 +144,7 @@ class SparseTraining(keras.callbacks.Callback):
         seed=0,
         reset_optimizer_state=True,
         log_dir=None,
+        compiled=None,
     ):
         super().__init__()
         update_freq, drop_fraction, decay, begin_step, end_step = schedule.validate(
@@ -144,6 +165,11 @@ class SparseTraining(keras.callbacks.Callback):
         if log_dir is not None and not isinstance(log_dir, (str, bytes)) and not hasattr(log_dir, "__fspath__"):
             raise ValueError(f"log_dir must be a directory path or None, got {log_dir!r}.")
         self.log_dir = None if log_dir is None else str(log_dir)
+        self.compiled = None if compiled is None else validation.check_bool("compiled", compiled)
+        self._compiled_update = None
+        self._compiled_key = None
+        self._plain_function = None
+        self._updating_model = None
         self.schedule = None
         self.step = None
         self._rows = []
@@ -234,6 +260,11 @@ class SparseTraining(keras.callbacks.Callback):
         for layer in layers:
             for mw in layer.masked_weights:
                 self._record_active(mw)
+        if self.gradient_mode != gradient_capture.MODE_OFF:
+            # A custom loop's step, traced after this, carries the capture behind
+            # its switch; model.fit swaps in branch-free step functions instead.
+            for layer in layers:
+                layer.set_capture_trace(gradient_capture.TRACE_SWITCH)
         if self.gradient_mode == gradient_capture.MODE_EMA:
             for layer in layers:
                 layer.set_capture_mode(gradient_capture.MODE_EMA, ema_decay=self.ema_decay)
@@ -268,22 +299,36 @@ class SparseTraining(keras.callbacks.Callback):
         (update rows, ITOP, TensorBoard). Returns the new rows.
         """
         fraction = self.drop_fraction_at(step) if self.schedule is not None else self._float_fraction()
+        on_device = self._compiled_grow_by() is not None
+        self._updating_model = model
         items = []
         index = 0
         for layer in masked_layers(model):
             for mw in layer.masked_weights:
                 index += 1
+                seed = int(np.random.SeedSequence([self.seed, int(step), index]).generate_state(1)[0])
+                if on_device:
+                    # Scores are made on the device, and dense or empty weights
+                    # left alone there: no mask crosses to the host.
+                    items.append(UpdateItem(layer, mw, seed, None, None))
+                    continue
                 n_active = int(np.count_nonzero(ops.convert_to_numpy(mw.mask)))
                 if n_active in (0, int(np.prod(mw.mask.shape))):
                     continue  # a dense (or empty) weight has nothing to move
-                seed = int(np.random.SeedSequence([self.seed, int(step), index]).generate_state(1)[0])
                 items.append(
                     UpdateItem(layer, mw, seed, self.drop_scores(layer, mw, seed), self.grow_scores(layer, mw, seed))
                 )
         results = self._drop_and_grow_all(items, fraction, step, optimizer)
         rows = []
-        for item, result in zip(items, results):
-            self._record_active(item.masked_weight)
+        for position, (item, result) in enumerate(zip(items, results)):
+            if result is None:
+                continue  # dense or empty (device path)
+            if on_device:
+                self._ever_active[id(item.masked_weight.mask)] = _DeviceEverActive(
+                    int(np.prod(item.masked_weight.mask.shape)), result.n_ever_active, self._compiled_update, position
+                )
+            else:
+                self._record_active(item.masked_weight)
             rows.append(
                 {
                     "step": int(step),
@@ -319,8 +364,12 @@ class SparseTraining(keras.callbacks.Callback):
         On return the masks, the weights (grown ones initialised by
         ``grow_init``, removed ones 0) and the optimizer slots are written.
         This reference body runs :func:`keras_rigl.updates.drop_and_grow` in
-        NumPy weight by weight; a compiled path replaces only this method.
+        NumPy weight by weight. When the update runs compiled (see
+        ``compiled``), the items carry no scores (the device makes them),
+        include dense and empty weights, and the result of those is None.
         """
+        if self._compiled_grow_by() is not None:
+            return self._drop_and_grow_all_compiled(items, fraction, optimizer)
         results = []
         for item in items:
             mw = item.masked_weight
@@ -338,6 +387,81 @@ class SparseTraining(keras.callbacks.Callback):
                 optimizer_state.reset_slots(optimizer, mw.weight, result.grown | result.removed)
             results.append(result)
         return results
+
+    def _compiled_grow_by(self):
+        """``"gradient"``/``"random"`` when this update runs compiled, else None (NumPy)."""
+        if self.compiled is False:
+            return None
+        cls = type(self)
+        reasons = []
+        if not gradient_capture.available():
+            reasons.append(f"backend {keras.backend.backend()!r} (needs tensorflow)")
+        if cls.drop_scores is not SparseTraining.drop_scores:
+            reasons.append("a drop_scores hook of its own")
+        if cls.grow_scores is RigL.grow_scores:
+            grow_by = "gradient"
+        elif cls.grow_scores is SET.grow_scores:
+            grow_by = "random"
+        else:
+            grow_by = None
+            reasons.append("a grow_scores hook of its own")
+        if self.grow_init != "zeros":
+            reasons.append(f"grow_init={self.grow_init!r}")
+        if reasons:
+            if self.compiled:
+                raise ValueError(
+                    f"{cls.__name__}(compiled=True) cannot run compiled: {', '.join(reasons)}. "
+                    "Pass compiled=None (compiled when possible) or False."
+                )
+            return None
+        return grow_by
+
+    def _drop_and_grow_all_compiled(self, items, fraction, optimizer):
+        from keras_rigl import compiled_update
+
+        weights = [item.masked_weight for item in items]
+        key = (tuple(id(mw.mask) for mw in weights), id(optimizer), self._compiled_grow_by(), self.reinit_regrown,
+               self.reset_optimizer_state)
+        if self._compiled_update is None or self._compiled_key != key:
+            # Kept on the model: a new callback (every fit, every benchmark round)
+            # reuses the traced function instead of tracing it again.
+            model = self._updating_model
+            cache = getattr(model, "_keras_rigl_compiled_updates", None)
+            if cache is None:
+                cache = {}
+                object.__setattr__(model, "_keras_rigl_compiled_updates", cache)
+            if key not in cache:
+                cache[key] = compiled_update.CompiledUpdate(
+                    weights,
+                    grow_by=self._compiled_grow_by(),
+                    reinit_regrown=self.reinit_regrown,
+                    optimizer=optimizer,
+                    reset_optimizer_state=self.reset_optimizer_state,
+                    track_ever_active=True,
+                )
+            self._compiled_update = cache[key]
+            self._compiled_key = key
+            self._compiled_update.reset_ever_active([self._ever_active_array(mw) for mw in weights])
+        counts = self._compiled_update(fraction, [item.seed for item in items])
+        results = []
+        for i, item in enumerate(items):
+            size = int(np.prod(item.masked_weight.mask.shape))
+            if counts.n_active[i] in (0, size):
+                results.append(None)
+                continue
+            results.append(
+                updates.UpdateCounts(
+                    n_active=int(counts.n_active[i]),
+                    n_dropped=int(counts.n_dropped[i]),
+                    n_moved=int(counts.n_moved[i]),
+                    n_ever_active=int(counts.n_ever_active[i]),
+                )
+            )
+        return results
+
+    def _ever_active_array(self, mw):
+        value = self._ever_active.get(id(mw.mask))
+        return value.numpy() if isinstance(value, _DeviceEverActive) else value
 
     def _float_fraction(self):
         if callable(self.drop_fraction):
@@ -364,7 +488,8 @@ class SparseTraining(keras.callbacks.Callback):
     def _record_active(self, mw):
         key = id(mw.mask)
         current = ops.convert_to_numpy(mw.mask) != 0
-        self._ever_active[key] = self._ever_active.get(key, current) | current
+        previous = self._ever_active_array(mw)
+        self._ever_active[key] = (current if previous is None else previous) | current
 
     # -------------------------------------------------------------- reports
     @property
@@ -408,6 +533,7 @@ class SparseTraining(keras.callbacks.Callback):
                 f"steps_per_execution=1 in model.compile (got {steps_per_execution})."
             )
         self._planned = False
+        self._plain_function = None
         self.step = self._optimizer_step(model)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -423,6 +549,7 @@ class SparseTraining(keras.callbacks.Callback):
         plan_start = step - epoch * steps if steps else step
         self.attach(model, total_steps=total, step=step, plan_start=plan_start)
         self._planned = True
+        self._begin_fit_capture(model)
         self._sparsity = self.current_sparsity(model)
         self._itop = self.itop_rate()
         if self.schedule is not None:
@@ -440,8 +567,13 @@ class SparseTraining(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.before_step(self.model, self.step + 1)
+        if self._plain_function is not None and self.gradient_mode == gradient_capture.MODE_STORE:
+            if self.is_update_step(self.step + 1):
+                self._use_step_function(self.model, gradient_capture.TRACE_STORE)
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._plain_function is not None and self.gradient_mode == gradient_capture.MODE_STORE:
+            self._use_step_function(self.model, gradient_capture.TRACE_OFF)
         # Optimizer steps, not batches: a step skipped by a LossScaleOptimizer
         # does not advance the plan (and never updates twice).
         step = self._optimizer_step(self.model)
@@ -459,8 +591,44 @@ class SparseTraining(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self.gradient_mode != gradient_capture.MODE_OFF:
+            if self._plain_function is not None:
+                self._use_step_function(self.model, gradient_capture.TRACE_OFF)
+                self._plain_function = None
             for layer in masked_layers(self.model):
                 layer.set_capture_mode(gradient_capture.MODE_OFF)
+
+    # ------------------------------------------- capture without a per-step branch
+    # In model.fit the dense gradient is captured by step functions of their
+    # own: ordinary steps run the model's step traced with plain W * M (no
+    # custom gradient, no tf.cond), RigL's update steps a second one that
+    # always stores the gradient, SNFS every step one that always updates the
+    # moving average. Each is traced once per compiled model and kept on it.
+    def _begin_fit_capture(self, model):
+        self._plain_function = None
+        if self.gradient_mode == gradient_capture.MODE_OFF or not self.changes_masks:
+            return
+        current = _compat.current_train_function(model)
+        cache = getattr(model, "_keras_rigl_step_functions", None)
+        if cache is not None and any(current is f for f in cache[1].values()):
+            current = cache[0]  # a fit interrupted inside a capture step left that step in place
+        self._plain_function = current
+        trace = gradient_capture.TRACE_EMA if self.gradient_mode == gradient_capture.MODE_EMA else gradient_capture.TRACE_OFF
+        self._use_step_function(model, trace)
+
+    def _use_step_function(self, model, trace):
+        """Run the following steps with the step function traced with capture ``trace``."""
+        for layer in masked_layers(model):
+            layer.set_capture_trace(trace)
+        if trace == gradient_capture.TRACE_OFF:
+            _compat.set_train_function(model, self._plain_function)
+            return
+        cache = getattr(model, "_keras_rigl_step_functions", None)
+        if cache is None or cache[0] is not self._plain_function:  # recompiled: new functions
+            cache = (self._plain_function, {})
+            object.__setattr__(model, "_keras_rigl_step_functions", cache)
+        if trace not in cache[1]:
+            cache[1][trace] = _compat.new_train_function(model)
+        _compat.set_train_function(model, cache[1][trace])
 
     @staticmethod
     def _optimizer_step(model):
@@ -482,6 +650,7 @@ class SparseTraining(keras.callbacks.Callback):
             "seed": self.seed,
             "reset_optimizer_state": self.reset_optimizer_state,
             "log_dir": self.log_dir,
+            "compiled": self.compiled,
         }
 
     @classmethod

@@ -30,7 +30,9 @@ class MaskedWeight:
     weight: keras.Variable
     mask: keras.Variable
     ref: maskable.WeightRef
-    capture: object = None  # GradientCapture, or None off TensorFlow
+    # GradientCapture: made when a gradient method first needs it (Masked.set_capture_mode /
+    # set_capture_trace, which RigL's and SNFS's attach call); None before, and off TensorFlow.
+    capture: object = None
 
     @property
     def path(self):
@@ -47,9 +49,11 @@ class Masked(keras.layers.Wrapper):
             with :class:`keras_rigl.MaskableLayer` / :func:`keras_rigl.register_maskable`).
         mask_depthwise: also mask depthwise kernels (DepthwiseConv layers, the
             depthwise part of SeparableConv). Off by default, as in the paper.
-        capture_gradients: keep a buffer per masked weight for the dense
-            gradient that RigL and SNFS grow by (TensorFlow backend only).
-            Turn off to save memory when the masks are fixed.
+        capture_gradients: allow a buffer per masked weight for the dense
+            gradient that RigL and SNFS grow by (TensorFlow backend only). The
+            buffers are made when RigL or SNFS first attaches (or
+            :meth:`set_capture_mode` / :meth:`set_capture_trace` asks), so a
+            model trained without them holds none.
 
     The masks start all ones (dense); :func:`keras_rigl.sparsify` or
     :func:`keras_rigl.initialize_masks` set them. Masks are non-trainable
@@ -80,6 +84,8 @@ class Masked(keras.layers.Wrapper):
         self.capture_gradients = bool(capture_gradients)
         self.supports_masking = getattr(layer, "supports_masking", False)
         object.__setattr__(self, "_masked_weights", [])
+        # Which capture the graphs traced from now on contain (gradient_capture.TRACE_*).
+        object.__setattr__(self, "_capture_trace", gradient_capture.TRACE_OFF)
 
     # ------------------------------------------------------------------ build
     def _inner_builds_from_one_shape(self):
@@ -113,18 +119,11 @@ class Masked(keras.layers.Wrapper):
         refs = maskable.maskable_weights(self.layer, depthwise=self.mask_depthwise)
         capture_on = self.capture_gradients and gradient_capture.available()
         if capture_on:
-            import tensorflow as tf
-
-            # Switches shared by every masked weight of this layer; plain
-            # tf.Variables so that Keras neither saves nor reports them.
-            # init_scope: the layer may be built inside a symbolic call.
-            with tf.init_scope():
-                object.__setattr__(
-                    self, "_capture_mode", tf.Variable(0, trainable=False, dtype=tf.int32, name="capture_mode")
-                )
-                object.__setattr__(
-                    self, "_capture_decay", tf.Variable(0.9, trainable=False, dtype=tf.float32, name="capture_decay")
-                )
+            # Switches shared by every masked weight of this layer (kept out of Keras' tracking).
+            mode, decay = gradient_capture.make_switches()
+            object.__setattr__(self, "_capture_mode", mode)
+            object.__setattr__(self, "_capture_decay", decay)
+            object.__setattr__(self, "_capture_strategy", gradient_capture.current_strategy())
         masked = []
         for ref in refs:
             mask = self.add_weight(
@@ -134,19 +133,24 @@ class Masked(keras.layers.Wrapper):
                 initializer="ones",
                 trainable=False,
             )
-            capture = None
-            if capture_on:
-                with tf.init_scope():
-                    capture = gradient_capture.GradientCapture(
-                        ref.variable.shape,
-                        ref.variable.dtype,
-                        ref.name.replace("/", "_"),
-                        self._capture_mode,
-                        self._capture_decay,
-                    )
-            masked.append(MaskedWeight(ref.name, ref.variable, mask, ref, capture))
+            masked.append(MaskedWeight(ref.name, ref.variable, mask, ref))
         # Keep our own bookkeeping out of Keras' attribute tracking.
         object.__setattr__(self, "_masked_weights", masked)
+
+    def _ensure_captures(self):
+        """Make the dense-gradient buffers on first need: a model that never grows by the
+        gradient (Static, SET, inference) never holds a second copy of its masked weights."""
+        for mw in self._masked_weights:
+            if mw.capture is None:
+                capture = gradient_capture.GradientCapture(
+                    mw.weight.shape,
+                    mw.weight.dtype,
+                    mw.ref.name.replace("/", "_"),
+                    self._capture_mode,
+                    self._capture_decay,
+                    self._capture_strategy,
+                )
+                object.__setattr__(mw, "capture", capture)  # in place: callers may hold this MaskedWeight
 
     def get_build_config(self):
         config = super().get_build_config() or {}
@@ -170,7 +174,7 @@ class Masked(keras.layers.Wrapper):
     # ------------------------------------------------------------------- call
     def _effective(self, mw):
         if mw.capture is not None:
-            value = mw.capture.masked_value(mw.weight, mw.mask)
+            value = mw.capture.masked_value(mw.weight, mw.mask, self._capture_trace)
         else:
             value = keras.ops.multiply(mw.weight, keras.ops.cast(mw.mask, mw.weight.dtype))
         compute_dtype = mw.ref.owner.compute_dtype
@@ -210,15 +214,52 @@ class Masked(keras.layers.Wrapper):
 
     # ----------------------------------------------------------- capture API
     def set_capture_mode(self, mode, ema_decay=None):
-        """Switch dense-gradient capture: 0 off, 1 store this step's, 2 EMA."""
+        """Switch dense-gradient capture: ``gradient_capture.MODE_OFF`` (0), ``MODE_STORE`` (1, this
+        step's gradient) or ``MODE_EMA`` (2, moving average with decay ``ema_decay``).
+
+        Switching to store or EMA clears each buffer's ``written`` flag, so
+        that reading it before a training step has captured is an error.
+        """
         if not self.capture_gradients or not gradient_capture.available():
             raise RuntimeError(
                 f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
                 f"or backend {keras.backend.backend()!r} is not tensorflow)."
             )
-        self._capture_mode.assign(int(mode))
-        if ema_decay is not None:
-            self._capture_decay.assign(float(ema_decay))
+        if int(mode) != gradient_capture.MODE_OFF:
+            self._ensure_captures()
+        gradient_capture.set_switches(self._capture_mode, self._capture_decay, int(mode), ema_decay)
+        if int(mode) != gradient_capture.MODE_OFF and self._capture_trace == gradient_capture.TRACE_OFF:
+            # Graphs traced from now on (and eager calls) obey the switch.
+            self.set_capture_trace(gradient_capture.TRACE_SWITCH)
+        if int(mode) != gradient_capture.MODE_OFF:
+            for mw in self._masked_weights:
+                mw.capture.clear_written()
+
+    @property
+    def capture_trace(self):
+        """Which capture the graphs traced from now on contain (``gradient_capture.TRACE_*``)."""
+        return self._capture_trace
+
+    def set_capture_trace(self, trace):
+        """Choose what a graph traced from now on computes for the dense gradient.
+
+        ``"off"`` (the default): plain ``W * M``, nothing captured, no
+        per-step cost beyond the product. ``"switch"``: capture behind a
+        ``tf.cond`` on :meth:`set_capture_mode` (custom training loops; the
+        callbacks' ``attach`` sets it). ``"store"`` / ``"ema"``: always capture,
+        no branch (the step functions ``model.fit`` swaps in). Graphs traced
+        earlier keep what they were traced with.
+        """
+        if trace not in gradient_capture.TRACES:
+            raise ValueError(f"Unknown capture trace {trace!r}; use one of {gradient_capture.TRACES}.")
+        if trace != gradient_capture.TRACE_OFF and (not self.capture_gradients or not gradient_capture.available()):
+            raise RuntimeError(
+                f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
+                f"or backend {keras.backend.backend()!r} is not tensorflow)."
+            )
+        if trace != gradient_capture.TRACE_OFF:
+            self._ensure_captures()
+        object.__setattr__(self, "_capture_trace", trace)
 
     # --------------------------------------------------------------- masks IO
     def get_masks(self):

@@ -195,7 +195,10 @@ def test_dense_gradient_capture_equals_tape_gradient(rng):
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(tf.square(model(x)))
     tape.gradient(loss, mw.weight)
-    assert np.all(mw.capture.read().numpy() == 0)  # capture off: nothing written
+    assert np.all(mw.capture.value().numpy() == 0)  # capture off: nothing written
+    assert not mw.capture.was_written()
+    with pytest.raises(RuntimeError, match="before_step"):
+        mw.capture.read()
 
 
 def test_custom_layer_made_maskable_by_protocol_and_by_registration(rng):

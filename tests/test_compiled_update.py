@@ -1,0 +1,233 @@
+"""The compiled (device) drop-and-grow against the NumPy reference: bit-identical masks."""
+
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import keras_rigl
+from keras_rigl import compiled_update, optimizer_state, updates
+
+
+def _select(w, m, scores, fraction, seed, reinit):
+    """Eager keras.ops path on one weight, k as the reference computes it."""
+    k = int(np.floor(float(fraction) * int((m != 0).sum())))
+    new_active, grown, removed, n_moved = compiled_update.select(
+        keras.ops.convert_to_tensor(w), keras.ops.convert_to_tensor(m), keras.ops.convert_to_tensor(scores),
+        keras.ops.convert_to_tensor(k, "int32"), keras.ops.convert_to_tensor(seed, "int64"), reinit,
+    )
+    as_np = lambda t: keras.ops.convert_to_numpy(t).reshape(m.shape)  # noqa: E731
+    return as_np(new_active), as_np(grown), as_np(removed), int(keras.ops.convert_to_numpy(n_moved))
+
+
+def _assert_same(w, m, scores, fraction, seed, reinit=False):
+    ref = updates.drop_and_grow(w, m, scores, fraction, seed=seed, reinit_regrown=reinit)
+    new_active, grown, removed, n_moved = _select(w, m, scores, fraction, seed, reinit)
+    np.testing.assert_array_equal(new_active, ref.new_mask != 0)
+    np.testing.assert_array_equal(grown, ref.grown)
+    np.testing.assert_array_equal(removed, ref.removed)
+    assert n_moved == ref.n_moved
+    return ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    density=st.floats(0.0, 1.0),
+    fraction=st.sampled_from([0.0, 0.01, 0.3, 0.5, 0.999, 1.0]) | st.floats(0.0, 1.0),
+    levels=st.sampled_from([1, 2, 3, 1000]),  # 1: every score equal; few levels: many ties
+    seed=st.integers(0, 2**32 - 1),
+    reinit=st.booleans(),
+    special=st.sampled_from([None, np.nan, np.inf, -np.inf, -0.0]),
+)
+def test_device_selection_is_bit_identical_to_the_reference(shape, density, fraction, levels, seed, reinit, special):
+    rng = np.random.default_rng(seed)
+    shape = tuple(shape)
+    m = (rng.random(shape) < density).astype("float32")
+    w = (rng.integers(0, levels, shape) - levels // 2).astype("float32") * m
+    scores = rng.integers(0, levels, shape).astype("float32")
+    if special is not None:
+        scores.reshape(-1)[rng.integers(0, scores.size)] = special
+    ref = _assert_same(w, m, scores, fraction, seed, reinit)
+    assert ref.new_mask.sum() == m.sum()
+
+
+def test_edge_cases_k_zero_everything_dropped_all_equal():
+    m = np.array([1, 1, 1, 0, 0, 0, 0, 0], "float32")
+    w = np.ones(8, "float32") * m
+    zeros = np.zeros(8, "float32")
+    ref = _assert_same(w, m, zeros, 0.0, 3)  # k = 0: nothing moves
+    np.testing.assert_array_equal(ref.new_mask, m)
+    ref = _assert_same(w, m, zeros, 1.0, 3)  # every active connection dropped
+    assert ref.new_mask.sum() == 3
+    ref = _assert_same(w, m, np.ones(8, "float32"), 1.0, 4)
+    # all grow scores equal: the three grown are among the eight by the hash, dropped ones included
+    assert ref.new_mask.sum() == 3
+
+
+def test_ties_do_not_follow_the_index():
+    """All-equal scores pick different positions for different seeds, not the first ones."""
+    m = np.r_[np.ones(50), np.zeros(50)].astype("float32")
+    picks = [_select(m, m, np.zeros(100, "float32"), 0.5, seed, False)[0] for seed in (1, 2)]
+    assert not np.array_equal(picks[0], picks[1])
+    assert picks[0].sum() == 50 and picks[0][50:].any()
+
+
+def test_random_scores_are_the_reference_numbers():
+    for shape, seed in [((3, 4), 0), ((5,), 2**32 - 1), ((2, 3, 4, 5), 12345)]:
+        ref = updates.random_scores(shape, seed)
+        dev = keras.ops.convert_to_numpy(compiled_update.random_scores(shape, keras.ops.convert_to_tensor(seed, "int64")))
+        np.testing.assert_array_equal(dev, ref)
+        assert ref.dtype == np.float32 and 0 <= ref.min() and ref.max() < 1
+    draws = updates.random_scores((100_000,), 7)
+    assert abs(draws.mean() - 0.5) < 0.01 and len(np.unique(draws)) > 99_000  # uniform, no repeats to speak of
+
+
+def test_hash_is_the_published_lowbias32():
+    # lowbias32(0) = 0 and lowbias32(1) = 0x1ea5aae1... computed by the reference C code of C. Wellons
+    # (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16), by hand in Python ints:
+    def by_hand(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    xs = np.array([0, 1, 2, 12345, 2**31, 2**32 - 1], dtype=np.uint32)
+    np.testing.assert_array_equal(updates.hash32(xs), [by_hand(int(x)) for x in xs])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(compiled_update.hash32(xs.astype(np.int64))),
+                                  [by_hand(int(x)) for x in xs])
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
+    out = keras.layers.Dense(10, name="out")(x)
+    model = keras_rigl.sparsify(keras.Model(inp, out), 0.8, seed=seed)
+    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.mark.parametrize("fuse_keys", [True, False], ids=["xla_keys", "plain"])
+@pytest.mark.parametrize("grow_by,reinit", [("gradient", False), ("random", True)])
+def test_whole_model_update_equals_the_numpy_path(grow_by, reinit, fuse_keys):
+    model = _model()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 32)
+    layers = keras_rigl.masked_layers(model)
+    for layer in layers:
+        layer.set_capture_mode(1)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # Adam moments and the captured gradient are non-zero
+    weights = [mw for layer in layers for mw in layer.masked_weights]
+    seeds = [updates.update_seed(5, 100, i + 1) for i in range(len(weights))]
+    fraction = 0.3
+
+    expected = []
+    for mw, seed in zip(weights, seeds):
+        w, m = keras.ops.convert_to_numpy(mw.weight), keras.ops.convert_to_numpy(mw.mask)
+        n_active = int(m.sum())
+        scores = (np.abs(keras.ops.convert_to_numpy(mw.capture.read())) if grow_by == "gradient"
+                  else updates.random_scores(m.shape, seed))
+        f = fraction if 0 < n_active < m.size else 0.0  # the NumPy callback skips dense weights
+        r = updates.drop_and_grow(w, m, scores, f, seed=seed, reinit_regrown=reinit)
+        new_w = np.where(r.grown, 0, w) * r.new_mask
+        slots = [np.where(r.grown | r.removed, reset, keras.ops.convert_to_numpy(s))
+                 for s, reset in optimizer_state.slot_variables(model.optimizer, mw.weight)]
+        expected.append((r, new_w, slots))
+    assert any(r.n_moved > 0 for r, _, _ in expected)
+
+    update = compiled_update.CompiledUpdate(weights, grow_by=grow_by, reinit_regrown=reinit,
+                                            optimizer=model.optimizer, fuse_keys=fuse_keys)
+    counts = update(fraction, seeds)
+    for i, (mw, (r, new_w, slots)) in enumerate(zip(weights, expected)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.mask), r.new_mask)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.weight), new_w)
+        got = [keras.ops.convert_to_numpy(s) for s, _ in optimizer_state.slot_variables(model.optimizer, mw.weight)]
+        assert len(got) == len(slots) == 2  # Adam: two moments
+        for a, b in zip(got, slots):
+            np.testing.assert_array_equal(a, b)
+        assert counts.n_active[i] == r.n_active and counts.n_moved[i] == r.n_moved
+    # a second call reuses the traced function (no retrace per step)
+    update(0.1, [updates.update_seed(5, 200, i + 1) for i in range(len(weights))])
+    assert update._function.experimental_get_tracing_count() == 1
+    assert (counts.n_ever_active == -1).all()  # not tracked unless asked
+
+
+def test_compiled_update_refuses_weights_without_capture():
+    model = _model()
+    weights = [mw for layer in keras_rigl.masked_layers(model) for mw in layer.masked_weights]
+    object.__setattr__(weights[0], "capture", None)
+    with pytest.raises(ValueError, match="capture_gradients=True"):
+        compiled_update.CompiledUpdate(weights, grow_by="gradient")
+    with pytest.raises(ValueError, match="grow_by"):
+        compiled_update.CompiledUpdate(weights, grow_by="magnitude")
+
+
+FIT_BOTH_WAYS = textwrap.dedent(
+    """
+    import os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import keras, numpy as np, tensorflow as tf, keras_rigl
+    tf.config.experimental.enable_op_determinism()  # in this process only: both runs must train identically
+
+    def model():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+        x = keras.layers.Flatten()(x)
+        x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
+        out = keras.layers.Dense(10, name="out")(x)
+        m = keras_rigl.sparsify(keras.Model(inp, out), 0.8, seed=0)
+        m.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 96)
+    for cls in (keras_rigl.RigL, keras_rigl.SET, keras_rigl.SNFS):
+        runs = {}
+        for compiled in (False, True):
+            m = model()
+            algo = cls(update_freq=2, drop_fraction=0.5, seed=3, compiled=compiled)
+            hist = m.fit(x, y, batch_size=16, epochs=2, callbacks=[algo], verbose=0, shuffle=False)
+            runs[compiled] = ([v.numpy() for v in m.weights] + [v.numpy() for v in m.optimizer.variables],
+                              algo.updates, hist.history["itop"], algo._compiled_update)
+        assert runs[False][3] is None and runs[True][3] is not None, "each path ran as asked"
+        assert runs[True][1]["n_moved"].sum() > 0
+        for a, b in zip(runs[False][0], runs[True][0]):
+            assert np.array_equal(a, b), cls.__name__
+        assert runs[False][1].equals(runs[True][1]), (runs[False][1], runs[True][1])
+        assert runs[False][2] == runs[True][2], "ITOP kept on the device matches the host count"
+        print("SAME", cls.__name__, len(runs[True][1]))
+    """
+)
+
+
+def test_fit_with_the_compiled_update_equals_fit_with_the_numpy_one(tmp_path):
+    """Weights, optimizer slots, update table and ITOP of RigL, SET and SNFS, bit for bit."""
+    script = tmp_path / "both.py"
+    script.write_text(FIT_BOTH_WAYS)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.stdout.count("SAME") == 3, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_compiled_true_refuses_what_it_cannot_compile():
+    class DropByGradient(keras_rigl.RigL):
+        def drop_scores(self, layer, masked_weight, seed):
+            return keras.ops.abs(masked_weight.weight * masked_weight.capture.read())
+
+    model = _model()
+    x, y = np.zeros((16, 8, 8, 1), "float32"), np.zeros(16, int)
+    for algo in (DropByGradient(update_freq=1, compiled=True), keras_rigl.RigL(update_freq=1, grow_init="random", compiled=True)):
+        with pytest.raises(ValueError, match="cannot run compiled"):
+            model.fit(x, y, batch_size=8, epochs=1, callbacks=[algo], verbose=0)
+    auto = DropByGradient(update_freq=1, end_step=100)  # default: falls back to NumPy
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[auto], verbose=0)
+    assert auto._compiled_update is None and len(auto.updates) > 0
