@@ -46,7 +46,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_rigl import _compat, gradient_capture, optimizer_state, schedule, updates, validation
+from keras_rigl import _compat, counting, gradient_capture, optimizer_state, schedule, updates, validation
 from keras_rigl.sparsify import masked_layers
 
 GROW_INITS = ("zeros", "random")
@@ -500,12 +500,8 @@ class SparseTraining(keras.callbacks.Callback):
         return pd.DataFrame(self._rows, columns=UPDATE_COLUMNS)
 
     def current_sparsity(self, model):
-        total = active = 0
-        for layer in masked_layers(model):
-            for mw in layer.masked_weights:
-                m = ops.convert_to_numpy(mw.mask)
-                total += m.size
-                active += int(np.count_nonzero(m))
+        """Sparsity over the masked weights of ``model`` (counted by :func:`keras_rigl.count_active`)."""
+        active, total = counting.count_active(model)
         return 1.0 - active / total if total else 0.0
 
     def itop_rate(self):
