@@ -56,7 +56,8 @@ class SpatialFlip(keras.layers.Layer):
     """Reverse the two spatial axes of an NHWC tensor (its own inverse)."""
 
     def call(self, x):
-        return keras.ops.flip(x, axis=(1, 2))
+        # One axis at a time: keras.ops.flip with a tuple of axes fails on TensorFlow in Keras 3.12.
+        return keras.ops.flip(keras.ops.flip(x, axis=1), axis=2)
 
     def compute_output_shape(self, input_shape):
         return input_shape
