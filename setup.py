@@ -9,8 +9,8 @@ setup(
     packages=find_packages(include=["keras_rigl", "keras_rigl.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "keras>=3.8",
-        "tensorflow>=2.18",
+        "keras>=3.12",  # the oldest Keras TensorFlow 2.21 takes; checked as in README "Keras versions"
+        "tensorflow>=2.21",
         "numpy",
         "pandas",
     ],

@@ -64,8 +64,8 @@ def build(name):
         x = keras.layers.Dense(128, activation="relu")(x)
         return keras.Model(inp, keras.layers.Dense(10)(x))
     if name == "mobilenetv2":
-        return keras.applications.MobileNetV2(input_shape=shape, alpha=1.0, weights=None, classes=10)
-    return keras.applications.ResNet50(input_shape=shape, weights=None, classes=10)
+        return keras.applications.MobileNetV2(input_shape=shape, alpha=1.0, weights=None, classes=10, classifier_activation=None)
+    return keras.applications.ResNet50(input_shape=shape, weights=None, classes=10, classifier_activation=None)
 
 
 def compile_model(model):
