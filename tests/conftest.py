@@ -31,6 +31,19 @@ def small_cnn(input_shape=(8, 8, 1), classes=10):
     return keras.Model(inp, out, name="small_cnn")
 
 
+def sparse_cnn(seed=0, sparsity=0.8):
+    """The sparse conv + two-Dense test model shared by the callback, capture and compiled-update tests."""
+    import keras_rigl
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
+    out = keras.layers.Dense(10, name="out")(x)
+    return keras_rigl.sparsify(keras.Model(inp, out), sparsity, seed=seed)
+
+
 @pytest.fixture
 def cnn():
     return small_cnn()

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import keras_rigl
+from conftest import sparse_cnn
 from keras_rigl import optimizer_state
 
 
@@ -21,13 +22,7 @@ def _data(n=128, seed=0):
 
 
 def _model(seed=0, sparsity=0.8):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
-    out = keras.layers.Dense(10, name="out")(x)
-    return keras_rigl.sparsify(keras.Model(inp, out), sparsity, seed=seed)
+    return sparse_cnn(seed, sparsity)
 
 
 def _masks(model):

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_rigl
+from conftest import sparse_cnn
 from keras_rigl import compiled_update, optimizer_state, updates
 
 
@@ -105,13 +106,7 @@ def test_hash_is_the_published_lowbias32():
 
 
 def _model(seed=0):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
-    out = keras.layers.Dense(10, name="out")(x)
-    model = keras_rigl.sparsify(keras.Model(inp, out), 0.8, seed=seed)
+    model = sparse_cnn(seed)
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 

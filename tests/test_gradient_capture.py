@@ -9,16 +9,11 @@ import numpy as np
 import pytest
 
 import keras_rigl
+from conftest import sparse_cnn
 
 
 def _model(seed=0):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
-    out = keras.layers.Dense(10, name="out")(x)
-    return keras_rigl.sparsify(keras.Model(inp, out), 0.8, seed=seed)
+    return sparse_cnn(seed)
 
 
 def _custom_loop(model, rigl, call_before_step):
