@@ -76,7 +76,12 @@ def order_keys(scores, hashes):
     """:func:`keras_rigl.updates.order_keys` in ``keras.ops``."""
     scores = ops.cast(scores, "float32")
     scores = ops.where(ops.logical_and(ops.isfinite(scores), ops.not_equal(scores, 0.0)), scores, 0.0)
-    bits = ops.view(scores, "int32")
+    if scores.shape[-1] is None:  # a candidate set of data-dependent size: keras's view needs a static one
+        import tensorflow as tf
+
+        bits = tf.bitcast(scores, tf.int32)
+    else:
+        bits = ops.view(scores, "int32")
     ordered = ops.bitwise_xor(bits, ops.bitwise_and(ops.right_shift(bits, 31), 0x7FFFFFFF))
     return ops.add(ops.multiply(ops.cast(ordered, "int64"), 2**32), hashes)
 
@@ -146,6 +151,104 @@ def select(weight, mask, grow_scores, k, seed, reinit_regrown, static_k=False, k
     return new_active, grown, removed, n_moved
 
 
+# ------------------------------------------- the same sets by index (default)
+# ``select`` ranks every entry of a weight twice (some thirty integer operations
+# per entry for the keys, two top-k over all entries) and writes whole tensors.
+# But a drop touches only active entries (a few percent of a sparse kernel) and
+# a grow needs only the entries whose score can reach the k-th largest. Here the
+# int64 keys are built only for those entries, and the writes are scatters of
+# the 2k changed entries: a handful of plain passes over each weight instead of
+# some forty. The candidate sets have data-dependent sizes, which TensorFlow's
+# graph runs but XLA (and JAX) cannot: hence tf ops, and ``select`` stays the
+# shape-static path for ``jit_compile=True``.
+SAMPLE_ABOVE = 1 << 16  # weights with more entries pre-filter grow candidates by a sample
+SAMPLE_STRIDE = 61  # prime: a strided sample cuts evenly across every axis of a kernel
+
+
+def _flat_active_and_grow_eager(mask, grow_scores):
+    grow = ops.reshape(ops.cast(grow_scores, "float32"), (-1,))
+    finite = ops.logical_and(ops.isfinite(grow), ops.not_equal(grow, 0.0))
+    return ops.not_equal(ops.reshape(mask, (-1,)), 0), ops.where(finite, grow, 0.0)  # the scores as order_keys sees them
+
+
+_fused_active_and_grow = None
+
+
+def _flat_active_and_grow(mask, grow_scores):
+    """Flat ``mask != 0`` and sanitized grow scores in one XLA-fused pass (else some six passes)."""
+    import tensorflow as tf
+
+    global _fused_active_and_grow
+    if _fused_active_and_grow is None:
+        _fused_active_and_grow = tf.function(_flat_active_and_grow_eager, jit_compile=True, autograph=False)
+    return _fused_active_and_grow(tf.identity(mask), tf.identity(grow_scores))
+
+
+def _hashes_at(indices, key):
+    """``element_hashes(size, key)[indices]`` for int64 ``indices``."""
+    return hash32(ops.bitwise_xor(indices, key))
+
+
+def _top_k_of(keys, indices, k):
+    import tensorflow as tf
+
+    _, local = tf.math.top_k(keys, k, sorted=False)
+    return tf.gather(indices, local)
+
+
+def _grow_floor(grow, inactive, k, stride):
+    """A score every one of the k best inactive entries reaches, from a strided sample.
+
+    The sample's top ``2 * k / stride + 64`` entries end at roughly the k-th
+    best over the whole weight, with a wide margin; the caller checks that at
+    least k inactive entries reach the floor, and takes every inactive entry
+    when not (a sample that missed), so the result never depends on the sample.
+    """
+    import tensorflow as tf
+
+    sample = tf.where(inactive[::stride], grow[::stride], -np.inf)
+    n_sample = tf.shape(sample, out_type=tf.int32)[0]
+    k_sample = tf.minimum(2 * (k // stride) + 64, n_sample)
+    return tf.reduce_min(tf.math.top_k(sample, k_sample, sorted=False).values)
+
+
+def select_indices(weight, mask, grow_scores, k, seed, reinit_regrown, sample_above=SAMPLE_ABOVE,
+                   sample_stride=SAMPLE_STRIDE):
+    """One weight's drop-and-grow as index sets; the same sets as :func:`select` (and the reference).
+
+    Drop: the k active entries with the smallest |w| (keys built for active
+    entries only). Grow: the k best by ``grow_scores`` among the inactive and
+    the just-dropped entries, with keys built only for the just-dropped ones
+    and the inactive entries that reach a floor (:func:`_grow_floor`); the
+    top k of a superset of the true top k are the true top k.
+
+    Returns:
+        ``(dropped, grown_all, was_active, n_active)``: int64 flat indices of
+        the k dropped and the k grown entries, a boolean per grown entry (was
+        it active before the update: a dropped entry grown back), and the
+        active count before.
+    """
+    import tensorflow as tf
+
+    size = int(np.prod(mask.shape))
+    active, grow = _flat_active_and_grow(mask, grow_scores)
+    active_at = tf.reshape(tf.where(active), (-1,))
+    n_active = tf.shape(active_at, out_type=tf.int32)[0]
+    drop_keys = order_keys(tf.abs(tf.gather(tf.reshape(weight, (-1,)), active_at)),
+                           _hashes_at(active_at, stream_key(seed, updates.STREAM_DROP)))
+    dropped = _top_k_of(tf.bitwise.invert(drop_keys), active_at, k)
+
+    inactive = tf.logical_not(active)
+    if size > sample_above:
+        reaching = tf.logical_and(inactive, grow >= _grow_floor(grow, inactive, k, sample_stride))
+        enough = tf.reduce_sum(tf.cast(reaching, "int32")) >= k
+        inactive = tf.logical_and(inactive, tf.logical_or(reaching, tf.logical_not(enough)))
+    candidates = tf.concat([tf.reshape(tf.where(inactive), (-1,)), dropped], 0)
+    grow_keys = order_keys(tf.gather(grow, candidates), _hashes_at(candidates, stream_key(seed, updates.STREAM_GROW)))
+    grown_all = _top_k_of(grow_keys, candidates, k)
+    return dropped, grown_all, tf.gather(active, grown_all), n_active
+
+
 # ------------------------------------------------------------ the whole model
 @dataclasses.dataclass
 class UpdateCounts:
@@ -176,6 +279,10 @@ class CompiledUpdate:
             (:func:`candidate_keys`) with XLA, keeping the top-k of dynamic size
             (default): one fused pass instead of some thirty, measured 4.5x
             faster on a 2M-entry weight on CPU, with identical results.
+        by_index: select and write by index (:func:`select_indices`, the
+            default without XLA): keys only for the entries that can be chosen,
+            scatters of the changed entries; ``False`` ranks every entry
+            (:func:`select`) as XLA needs.
         jit_compile: compile everything with XLA. ``top_k`` needs a static k there, so
             each selection becomes a full sort; measured slower on CPU (see
             ``benchmarks/update_scale.py``), hence off by default.
@@ -186,7 +293,7 @@ class CompiledUpdate:
 
     def __init__(self, masked_weights, grow_by="gradient", reinit_regrown=False, optimizer=None,
                  reset_optimizer_state=True, track_ever_active=False, ever_active=None, jit_compile=False,
-                 fuse_keys=True):
+                 fuse_keys=True, by_index=None):
         import tensorflow as tf
 
         if grow_by not in GROW_BY:
@@ -204,6 +311,10 @@ class CompiledUpdate:
         self.optimizer = optimizer
         self.reset_optimizer_state = bool(reset_optimizer_state)
         self.jit_compile = bool(jit_compile)
+        if by_index and self.jit_compile:
+            raise ValueError("by_index=True needs data-dependent shapes, which XLA cannot compile: "
+                             "pass jit_compile=False or by_index=False.")
+        self.by_index = not self.jit_compile if by_index is None else bool(by_index)
         self.ever_active = None
         if track_ever_active:
             starts = ever_active or [None] * len(self.masked_weights)
@@ -269,6 +380,8 @@ class CompiledUpdate:
         k = ops.cast(ops.floor(ops.multiply(fraction, ops.cast(n_active, "float64"))), "int32")
         movable = ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size))
         k = ops.where(movable, k, 0)
+        if self.by_index:
+            return self._update_one_by_index(mw, mask, weight, n_active, k, seed)
         new_active, grown, removed, n_moved = select(
             weight, mask, self._grow_scores(mw, seed), k, seed, self.reinit_regrown, static_k=self.jit_compile,
             keys_fn=self._keys_fn,
@@ -284,6 +397,35 @@ class CompiledUpdate:
             else:
                 fresh = ops.full(shape, reset_value, dtype=slot.dtype)
             writes.append(slot.assign(ops.where(changed, fresh, ops.convert_to_tensor(slot))))
+        return (n_active, k, n_moved), [w.op if hasattr(w, "op") else w for w in writes]
+
+    def _update_one_by_index(self, mw, mask, weight, n_active, k, seed):
+        """:meth:`_update_one` through :func:`select_indices`: scatters of the 2k changed entries."""
+        import tensorflow as tf
+
+        shape = tuple(mw.mask.shape)
+        dropped, grown_all, was_active, _ = select_indices(weight, mask, self._grow_scores(mw, seed), k, seed,
+                                                           self.reinit_regrown)
+        column = lambda indices: tf.expand_dims(indices, -1)  # noqa: E731  scatter indices
+        flat_mask = tf.reshape(mask, (-1,))
+        new_mask = tf.tensor_scatter_nd_update(flat_mask, column(dropped), tf.zeros_like(dropped, flat_mask.dtype))
+        new_mask = tf.tensor_scatter_nd_update(new_mask, column(grown_all), tf.ones_like(grown_all, flat_mask.dtype))
+        removed = tf.boolean_mask(dropped, tf.equal(tf.gather(new_mask, dropped), 0))
+        # a dropped entry grown back keeps its weight unless reinit_regrown (the reference's `was`)
+        restarted = grown_all if self.reinit_regrown else tf.boolean_mask(grown_all, tf.logical_not(was_active))
+        flat_weight = tf.reshape(weight, (-1,))
+        new_weight = tf.tensor_scatter_nd_update(flat_weight, column(restarted), tf.zeros_like(restarted, weight.dtype))
+        new_weight = tf.reshape(new_weight * tf.cast(new_mask, weight.dtype), shape)
+        writes = [mw.mask.assign(tf.reshape(new_mask, shape)), mw.weight.assign(new_weight)]
+        changed = tf.concat([removed, restarted], 0)
+        for slot, reset_value in self._slots(mw):
+            if reset_value == optimizer_state.FOLLOW_WEIGHT:  # the use_ema average starts at the new weight
+                fresh = tf.cast(tf.gather(tf.reshape(new_weight, (-1,)), changed), slot.dtype)
+            else:
+                fresh = tf.fill(tf.shape(changed), tf.constant(reset_value, slot.dtype))
+            flat_slot = tf.reshape(tf.convert_to_tensor(slot), (-1,))
+            writes.append(slot.assign(tf.reshape(tf.tensor_scatter_nd_update(flat_slot, column(changed), fresh), shape)))
+        n_moved = k - tf.reduce_sum(tf.cast(was_active, "int32"))
         return (n_active, k, n_moved), [w.op if hasattr(w, "op") else w for w in writes]
 
     def __call__(self, fraction, seeds):

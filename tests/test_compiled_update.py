@@ -26,6 +26,25 @@ def _select(w, m, scores, fraction, seed, reinit):
     return as_np(new_active), as_np(grown), as_np(removed), int(keras.ops.convert_to_numpy(n_moved))
 
 
+def _select_by_index(w, m, scores, fraction, seed, reinit, sample_above, sample_stride):
+    """select_indices on one weight, turned into the reference's boolean sets."""
+    k = int(np.floor(float(fraction) * int((m != 0).sum())))
+    t = keras.ops.convert_to_tensor
+    dropped, grown_all, was_active, n_active = compiled_update.select_indices(
+        t(w), t(m), t(scores), t(k, "int32"), t(seed, "int64"), reinit, sample_above=sample_above,
+        sample_stride=sample_stride)
+    as_np = keras.ops.convert_to_numpy
+    dropped, grown_all, was_active = as_np(dropped), as_np(grown_all), as_np(was_active)
+    assert len(dropped) == len(grown_all) == k and int(as_np(n_active)) == int((m != 0).sum())
+    new_active = (m != 0).reshape(-1).copy()
+    new_active[dropped] = False
+    new_active[grown_all] = True
+    grown = np.zeros(m.size, bool)
+    grown[grown_all if reinit else grown_all[~was_active]] = True
+    removed = (m != 0).reshape(-1) & ~new_active
+    return new_active.reshape(m.shape), grown.reshape(m.shape), removed.reshape(m.shape), int((~was_active).sum())
+
+
 def _assert_same(w, m, scores, fraction, seed, reinit=False):
     ref = updates.drop_and_grow(w, m, scores, fraction, seed=seed, reinit_regrown=reinit)
     new_active, grown, removed, n_moved = _select(w, m, scores, fraction, seed, reinit)
@@ -56,6 +75,32 @@ def test_device_selection_is_bit_identical_to_the_reference(shape, density, frac
         scores.reshape(-1)[rng.integers(0, scores.size)] = special
     ref = _assert_same(w, m, scores, fraction, seed, reinit)
     assert ref.new_mask.sum() == m.sum()
+    # by index, without (size below) and with the sampled grow floor (stride 2 or 3 on these tiny weights)
+    for sample_above, stride in ((10**9, 61), (0, 2), (0, 3)):
+        got = _select_by_index(w, m, scores, fraction, seed, reinit, sample_above, stride)
+        for a, b in zip(got[:3], (ref.new_mask != 0, ref.grown, ref.removed)):
+            np.testing.assert_array_equal(a, b)
+        assert got[3] == ref.n_moved
+
+
+def test_the_sampled_floor_never_changes_the_selection():
+    """Scores built so that the strided sample sees only low values (the largest scores lie between the
+    sampled positions): the floor admits too few entries and the update must fall back to every entry."""
+    size, stride = 4000, 7
+    m = np.zeros(size, "float32")
+    m[:400] = 1.0
+    w = np.linspace(1, 2, size).astype("float32") * m
+    scores = np.full(size, 1.0, "float32")
+    off_sample = np.arange(size) % stride != 0
+    scores[off_sample & (m == 0)] = 5.0 + np.arange(size)[off_sample & (m == 0)] / size  # never in the sample
+    for sample_above in (10**9, 0):
+        new_active, grown, removed, n_moved = _select_by_index(w, m, scores, 0.5, 3, False, sample_above, stride)
+        # by hand: the 200 smallest |w| are entries 0..199; the 200 largest scores are the last 200 off-sample
+        # inactive entries
+        expected_grow = np.flatnonzero(off_sample & (m == 0))[-200:]
+        np.testing.assert_array_equal(np.flatnonzero(removed), np.arange(200))
+        np.testing.assert_array_equal(np.flatnonzero(grown), expected_grow)
+        assert n_moved == 200 and new_active.sum() == 400
 
 
 def test_edge_cases_k_zero_everything_dropped_all_equal():
@@ -111,9 +156,10 @@ def _model(seed=0):
     return model
 
 
-@pytest.mark.parametrize("fuse_keys", [True, False], ids=["xla_keys", "plain"])
-@pytest.mark.parametrize("grow_by,reinit", [("gradient", False), ("random", True)])
-def test_whole_model_update_equals_the_numpy_path(grow_by, reinit, fuse_keys):
+@pytest.mark.parametrize("fuse_keys,by_index", [(True, True), (True, False), (False, False)],
+                         ids=["by_index", "xla_keys", "plain"])
+@pytest.mark.parametrize("grow_by,reinit", [("gradient", False), ("random", True), ("gradient", True)])
+def test_whole_model_update_equals_the_numpy_path(grow_by, reinit, fuse_keys, by_index):
     model = _model()
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 32)
@@ -140,7 +186,7 @@ def test_whole_model_update_equals_the_numpy_path(grow_by, reinit, fuse_keys):
     assert any(r.n_moved > 0 for r, _, _ in expected)
 
     update = compiled_update.CompiledUpdate(weights, grow_by=grow_by, reinit_regrown=reinit,
-                                            optimizer=model.optimizer, fuse_keys=fuse_keys)
+                                            optimizer=model.optimizer, fuse_keys=fuse_keys, by_index=by_index)
     counts = update(fraction, seeds)
     for i, (mw, (r, new_w, slots)) in enumerate(zip(weights, expected)):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.mask), r.new_mask)
