@@ -399,7 +399,9 @@ def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage, run
         "train_flops_dense": float(flops["train_flops_dense"]),
         "inference_flops": flops["inference_flops"],
         "params": keras_rigl.count_nonzero_params(model),
-        "params_total": int(sum(math.prod(w.shape) for w in model.trainable_weights)),
+        # not the gradient probes of JAX/PyTorch (keras_rigl.backend_capture): no parameters
+        "params_total": int(sum(math.prod(w.shape) for w in model.trainable_weights
+                                if not keras_rigl.backend_capture.is_probe(w))),
         "wall_time_s": train_time,
         "tflite_bytes": None,
         "mask_updates": mask_updates,
