@@ -399,8 +399,8 @@ class SparseTraining(keras.callbacks.Callback):
             return None
         cls = type(self)
         reasons = []
-        if not gradient_capture.available():
-            reasons.append(f"backend {keras.backend.backend()!r} (needs tensorflow)")
+        if not (gradient_capture.available() or keras.backend.backend() == "jax"):
+            reasons.append(f"backend {keras.backend.backend()!r} (needs tensorflow or jax)")
         if cls.drop_scores is not SparseTraining.drop_scores:
             reasons.append("a drop_scores hook of its own")
         if cls.grow_scores is RigL.grow_scores:
@@ -436,7 +436,11 @@ class SparseTraining(keras.callbacks.Callback):
                 cache = {}
                 object.__setattr__(model, "_keras_rigl_compiled_updates", cache)
             if key not in cache:
-                cache[key] = compiled_update.CompiledUpdate(
+                if keras.backend.backend() == "jax":
+                    from keras_rigl.compiled_update_jax import CompiledUpdateJax as update_class
+                else:
+                    update_class = compiled_update.CompiledUpdate
+                cache[key] = update_class(
                     weights,
                     grow_by=self._compiled_grow_by(),
                     reinit_regrown=self.reinit_regrown,
