@@ -1,0 +1,203 @@
+"""The drop-and-grow update of every masked weight as one ``jax.jit`` function (the JAX backend).
+
+:class:`keras_rigl.compiled_update.CompiledUpdate` is the TensorFlow version;
+this one gives the same masks, weights and optimizer slots (bit-identical
+masks to :func:`keras_rigl.updates.drop_and_grow` for equal scores and seed)
+without leaving the device, so that on a GPU an update costs a few sorts
+instead of a copy of every weight, mask, gradient and slot to the host and back.
+
+The reference orders entries by an int64 key ``(ordered float32 score bits,
+hash of index)``. JAX runs with 32-bit integers by default, so here the two
+halves stay two sort keys: ``jax.lax.sort`` over ``(eligible, score bits,
+hash, index)`` orders exactly as the int64 keys do, and the last k
+positions are the k largest. Shapes are static (XLA), so every selection
+sorts all entries of a weight: on a GPU that is a fraction of a training
+step; on a CPU the TensorFlow path's index-based selection is cheaper.
+
+The host computes, per update, k = floor(fraction * active) (float64, as the
+reference) and the three 32-bit stream keys of each weight's seed, and gets
+back the counts the logs need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from keras_rigl import optimizer_state, updates
+from keras_rigl.compiled_update import GROW_BY, UpdateCounts
+
+
+def _hash32(x):
+    """:func:`keras_rigl.updates.hash32` on a uint32 jax array (uint32 multiplies wrap)."""
+    import jax.numpy as jnp
+
+    x = x ^ (x >> jnp.uint32(16))
+    x = x * jnp.uint32(updates.HASH_MULTIPLIERS[0])
+    x = x ^ (x >> jnp.uint32(15))
+    x = x * jnp.uint32(updates.HASH_MULTIPLIERS[1])
+    return x ^ (x >> jnp.uint32(16))
+
+
+def _ordered_bits(scores):
+    """The high half of :func:`keras_rigl.updates.order_keys`: int32, monotone in the sanitized float32 score."""
+    import jax
+    import jax.numpy as jnp
+
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(jnp.isfinite(scores) & (scores != 0), scores, jnp.float32(0))
+    bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
+    return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
+
+
+def largest(high, low, eligible, k):
+    """Boolean selection of the k largest ``(high, low)`` pairs among ``eligible`` entries.
+
+    ``high`` int32, ``low`` uint32 (distinct among eligible entries), flat;
+    ``k`` must not exceed the number of eligible entries.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    size = high.shape[0]
+    index = jnp.arange(size, dtype=jnp.int32)
+    *_, order = jax.lax.sort((eligible.astype(jnp.int32), high, low, index), num_keys=3)
+    return jnp.zeros(size, bool).at[order].set(index >= size - k)
+
+
+def select(weight, mask, grow_scores, k, drop_key, grow_key, reinit_regrown):
+    """One weight's update as flat booleans: ``(new_active, grown, removed, n_moved)``, as the reference."""
+    import jax.numpy as jnp
+
+    size = mask.size
+    index = jnp.arange(size, dtype=jnp.uint32)
+    active = mask.reshape(-1) != 0
+    drop_hash = _hash32(index ^ drop_key)
+    # the reference drops the largest ~key (bitwise invert of the int64 key = both halves inverted)
+    dropped = largest(~_ordered_bits(jnp.abs(weight.reshape(-1))), ~drop_hash, active, k)
+    keep = active & ~dropped
+    grow = largest(_ordered_bits(grow_scores.reshape(-1)), _hash32(index ^ grow_key), ~keep, k)
+    new_active = keep | grow
+    was = keep if reinit_regrown else active
+    grown = grow & ~was
+    removed = active & ~new_active
+    return new_active, grown, removed, jnp.sum(grow & ~active, dtype=jnp.int32)
+
+
+def random_scores(shape, random_key):
+    """:func:`keras_rigl.updates.random_scores` on the device."""
+    import jax.numpy as jnp
+
+    size = math.prod(shape)
+    draws = _hash32(jnp.arange(size, dtype=jnp.uint32) ^ random_key) >> jnp.uint32(8)
+    return (draws.astype(jnp.float32) * jnp.float32(2.0**-24)).reshape(shape)
+
+
+class CompiledUpdateJax:
+    """:class:`keras_rigl.compiled_update.CompiledUpdate` for the JAX backend (same arguments and results).
+
+    One ``jax.jit`` function takes every masked weight, mask, grow score and
+    optimizer slot and returns their new values, which are assigned to the
+    variables (device arrays: nothing crosses to the host but the counts).
+    """
+
+    def __init__(self, masked_weights, grow_by="gradient", reinit_regrown=False, optimizer=None,
+                 reset_optimizer_state=True, track_ever_active=False, ever_active=None):
+        import jax
+
+        if keras.backend.backend() != "jax":
+            raise ValueError(f"CompiledUpdateJax needs the JAX backend, not {keras.backend.backend()!r}.")
+        if grow_by not in GROW_BY:
+            raise ValueError(f"grow_by must be one of {GROW_BY}, got {grow_by!r}.")
+        self.masked_weights = list(masked_weights)
+        if grow_by == "gradient":
+            missing = [mw.path for mw in self.masked_weights if mw.capture is None]
+            if missing:
+                raise ValueError(f"grow_by='gradient' needs the dense gradient, which these weights do not keep: "
+                                 f"{missing}. Use Masked(..., capture_gradients=True).")
+        self.grow_by = grow_by
+        self.reinit_regrown = bool(reinit_regrown)
+        self.optimizer = optimizer
+        self.reset_optimizer_state = bool(reset_optimizer_state)
+        self.ever_active = None
+        if track_ever_active:
+            self.reset_ever_active(ever_active or [None] * len(self.masked_weights))
+        self._slot_lists = [self._slots(mw) for mw in self.masked_weights]
+        self._function = jax.jit(self._update_all)
+
+    def reset_ever_active(self, arrays):
+        """Start the ever-active record again from ``arrays`` (None: the mask now)."""
+        import jax.numpy as jnp
+
+        self.ever_active = [
+            jnp.asarray(keras.ops.convert_to_numpy(mw.mask) != 0 if start is None else np.asarray(start, bool))
+            for mw, start in zip(self.masked_weights, arrays)
+        ]
+
+    def _slots(self, mw):
+        if not self.reset_optimizer_state or self.optimizer is None:
+            return []
+        return optimizer_state.slot_variables(self.optimizer, mw.weight)
+
+    def _update_all(self, weights, masks, scores, slots, ever, ks, keys):
+        import jax.numpy as jnp
+
+        out_weights, out_masks, out_slots, out_ever, counts = [], [], [], [], []
+        for i, (weight, mask) in enumerate(zip(weights, masks)):
+            drop_key, grow_key, random_key = keys[i, 0], keys[i, 1], keys[i, 2]
+            grow_scores = random_scores(mask.shape, random_key) if self.grow_by == "random" else jnp.abs(scores[i])
+            new_active, grown, removed, n_moved = select(weight, mask, grow_scores, ks[i], drop_key, grow_key,
+                                                         self.reinit_regrown)
+            new_active, grown = new_active.reshape(mask.shape), grown.reshape(mask.shape)
+            changed = grown | removed.reshape(mask.shape)
+            new_weight = jnp.where(grown, jnp.zeros_like(weight), weight) * new_active.astype(weight.dtype)
+            new_slots = []
+            for slot, (_, reset_value) in zip(slots[i], self._slot_lists[i]):
+                if reset_value == optimizer_state.FOLLOW_WEIGHT:
+                    fresh = new_weight.astype(slot.dtype)
+                else:
+                    fresh = jnp.full(slot.shape, reset_value, slot.dtype)
+                new_slots.append(jnp.where(changed, fresh, slot))
+            out_weights.append(new_weight)
+            out_masks.append(new_active.astype(mask.dtype))
+            out_slots.append(new_slots)
+            if ever is None:
+                n_ever = jnp.int32(-1)
+            else:
+                now = ever[i] | new_active
+                out_ever.append(now)
+                n_ever = jnp.sum(now, dtype=jnp.int32)
+            counts.append(jnp.stack([jnp.sum(mask != 0, dtype=jnp.int32), ks[i], n_moved, n_ever]))
+        return out_weights, out_masks, out_slots, (out_ever if ever is not None else None), jnp.stack(counts)
+
+    def __call__(self, fraction, seeds):
+        """Update every weight with drop fraction ``fraction`` and ``seeds[i]`` for weight i; :class:`UpdateCounts`."""
+        seeds = np.asarray(seeds, dtype=np.uint64)
+        if seeds.shape != (len(self.masked_weights),):
+            raise ValueError(f"Expected {len(self.masked_weights)} seeds (one per masked weight), got shape {seeds.shape}.")
+        ks = []
+        for mw in self.masked_weights:
+            mask = keras.ops.convert_to_numpy(mw.mask)
+            n_active, size = int(np.count_nonzero(mask)), mask.size
+            # floor(f * n) in float64, as the reference; dense and empty weights are left alone
+            ks.append(int(math.floor(float(fraction) * n_active)) if 0 < n_active < size else 0)
+        keys = np.array([[updates.stream_key(int(s), stream) for stream in
+                          (updates.STREAM_DROP, updates.STREAM_GROW, updates.STREAM_RANDOM)] for s in seeds], np.uint32)
+        scores = [mw.capture.read() if self.grow_by == "gradient" else None for mw in self.masked_weights]
+        weights, masks, slots, ever, counts = self._function(
+            [mw.weight.value for mw in self.masked_weights], [mw.mask.value for mw in self.masked_weights],
+            scores, [[s.value for s, _ in slot_list] for slot_list in self._slot_lists], self.ever_active,
+            np.asarray(ks, np.int32), keys,
+        )
+        for mw, weight, mask, slot_list, new_slots in zip(self.masked_weights, weights, masks, self._slot_lists, slots):
+            mw.weight.assign(weight)
+            mw.mask.assign(mask)
+            for (slot, _), value in zip(slot_list, new_slots):
+                slot.assign(value)
+        if ever is not None:
+            self.ever_active = ever
+        counts = np.asarray(counts).astype(np.int64)
+        return UpdateCounts(n_active=counts[:, 0], n_dropped=counts[:, 1], n_moved=counts[:, 2],
+                            n_ever_active=counts[:, 3])
