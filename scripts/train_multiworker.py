@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Train a sparse network with RigL on several machines (tf.distribute.MultiWorkerMirroredStrategy).
+
+Start the same command on every machine, each with its own TF_CONFIG (the
+cluster's worker addresses, the same on every machine, and this machine's
+index); here two workers on one machine:
+
+    TF_CONFIG='{"cluster": {"worker": ["localhost:12345", "localhost:12346"]}, "task": {"type": "worker", "index": 0}}' \\
+        python scripts/train_multiworker.py --dataset synthetic --steps 60 &
+    TF_CONFIG='{"cluster": {"worker": ["localhost:12345", "localhost:12346"]}, "task": {"type": "worker", "index": 1}}' \\
+        python scripts/train_multiworker.py --dataset synthetic --steps 60
+
+Without TF_CONFIG it trains alone (one worker). Keras 3's ``model.fit``
+does not run under MultiWorkerMirroredStrategy (keras-team/keras#20585), so
+this is a custom training loop driven by the callback's hooks
+(``attach``, ``before_step``, ``after_step``), the loop the README's
+"Custom training loop" section describes, inside ``strategy.run``:
+
+* every worker reads the same shuffled stream of global batches and feeds
+  its own slice of each (``--batch-size`` is the global batch);
+* the optimizer sums the gradients over all workers (the loss is divided
+  by the global batch), so every copy of the weights takes the same step;
+* on an update step each worker's ``Masked`` layers store the dense
+  gradient of their own slice in a sync-on-read buffer; the mask update
+  reads it averaged over all workers (an all-reduce), i.e. the dense
+  gradient of the global batch, and ranks the same weights with the same
+  seed, so every worker selects the same masks without sending any mask.
+
+Each worker prints, and writes with ``--result FILE`` (JSON, atomically),
+the sha256 digests of its masks and of all its weights
+(:func:`keras_rigl.model_digests`), the loss per step and the mask updates;
+the digests agree across workers. ``--save FILE.keras`` makes the chief
+(worker 0) save the trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from rigl_harness import datasets, zoo  # noqa: E402  (scripts/ is on sys.path when this file runs)
+from rigl_harness.atomic import write_file, write_text  # noqa: E402
+from rigl_harness.cli import HelpFormatter, ranged  # noqa: E402
+
+MODELS = ("cnn", "mlp")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--dataset", default="synthetic", help="mnist5k | digits | synthetic | PATH.npz")
+    p.add_argument("--model", default="cnn", choices=MODELS, help="architecture (rigl_harness.zoo)")
+    p.add_argument("--sparsity", type=ranged(float, 0.0, 1.0, hi_open=True, what=" (must be in [0, 1))"), default=0.9,
+                   help="share of masked weights that are zero (ERK)")
+    p.add_argument("--steps", type=ranged(int, 1, what=" (optimizer steps, >= 1)"), default=200,
+                   help="optimizer steps of the whole run")
+    p.add_argument("--batch-size", type=ranged(int, 1, what=" (global batch, >= 1)"), default=64,
+                   help="global batch: every worker feeds batch-size / workers examples of it")
+    p.add_argument("--update-freq", type=ranged(int, 1, what=" (steps between mask updates, >= 1)"), default=50,
+                   help="ΔT: optimizer steps between mask updates (updates stop at 75%% of --steps)")
+    p.add_argument("--drop-fraction", type=ranged(float, 0.0, 1.0, lo_open=True, what=" (must be in (0, 1])"),
+                   default=0.3, help="share of active connections moved at an update, cosine-decayed")
+    p.add_argument("--lr", type=ranged(float, 0.0, lo_open=True, what=" (> 0)"), default=0.05,
+                   help="SGD (momentum 0.9) learning rate")
+    p.add_argument("--seed", type=ranged(int, 0, what=" (--seed must be an integer >= 0)"), default=0,
+                   help="seed of the initialisation, masks and batch order: the same on every worker")
+    p.add_argument("--result", default=None, help="write this worker's digests, losses and updates here (JSON)")
+    p.add_argument("--save", default=None, help="the chief (worker 0) saves the trained model here (.keras)")
+    return p
+
+
+def cluster_from_env(parser, environ=os.environ):
+    """``(workers, index)`` from TF_CONFIG (``(1, 0)`` without it); a bad TF_CONFIG is a usage error."""
+    text = environ.get("TF_CONFIG")
+    if not text:
+        return 1, 0
+    hint = ('TF_CONFIG must be JSON like {"cluster": {"worker": ["host1:port", "host2:port"]}, '
+            '"task": {"type": "worker", "index": 0}}')
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        parser.error(f"TF_CONFIG is not valid JSON ({exc.msg}); {hint}.")
+    if not isinstance(config, dict):
+        parser.error(f"TF_CONFIG is a {type(config).__name__}; {hint}.")
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        parser.error(f"TF_CONFIG needs 'cluster' and 'task'; {hint}.")
+    unknown = sorted(set(cluster) - {"worker", "chief"})
+    if unknown:
+        parser.error(f"TF_CONFIG cluster has {unknown}: MultiWorkerMirroredStrategy takes only 'chief' and 'worker'.")
+    members = []
+    for kind in ("chief", "worker"):
+        addresses = cluster.get(kind, [])
+        if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a for a in addresses):
+            parser.error(f"TF_CONFIG cluster '{kind}' must be a list of 'host:port' strings; {hint}.")
+        members += [(kind, i) for i in range(len(addresses))]
+    if not members:
+        parser.error(f"TF_CONFIG lists no worker; {hint}.")
+    kind, index = task.get("type"), task.get("index")
+    if (kind, index) not in members or isinstance(index, bool):
+        parser.error(f"TF_CONFIG task {task!r} is not one of the cluster's members {members}; {hint}.")
+    return len(members), members.index((kind, index))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    workers, worker = cluster_from_env(parser)
+    if args.batch_size % workers:
+        parser.error(f"--batch-size {args.batch_size} does not split over {workers} workers; "
+                     f"use a multiple of {workers}.")
+    if args.save is not None and not args.save.endswith(".keras"):
+        parser.error(f"--save {args.save!r} must end in .keras")
+    for flag, path in (("--result", args.result), ("--save", args.save)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            parser.error(f"{flag} {path!r}: folder {folder!r} does not exist; create it first.")
+    try:
+        data = datasets.load_dataset(args.dataset, seed=args.seed)
+    except (ValueError, TypeError, OSError) as exc:
+        parser.error(f"--dataset {args.dataset!r}: {exc}")
+    result = train(args, data, workers, worker)
+    line = (f"worker {result['worker']}/{result['workers']}: loss {result['first_loss']:.4f} -> "
+            f"{result['last_loss']:.4f}, {result['mask_updates']} mask updates, test accuracy "
+            f"{result['test_accuracy']:.3f}, sparsity {result['sparsity']:.3f}\n"
+            f"  masks sha256   {result['digests']['masks']}\n"
+            f"  weights sha256 {result['digests']['weights']}")
+    print(line, flush=True)
+    if args.result:
+        write_text(args.result, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def train(args, data, workers=1, worker=0):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_rigl
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    replicas = strategy.num_replicas_in_sync
+    if args.batch_size % replicas:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not split over {replicas} replicas; "
+                         f"use a multiple of {replicas}.")
+
+    with strategy.scope():
+        # Every worker builds the same model from the same seed (and the strategy
+        # broadcasts the chief's initial values); the masks follow from the seed.
+        model = zoo.build_model(args.model, data.input_shape, data.num_classes, seed=args.seed)
+        model = keras_rigl.sparsify(model, args.sparsity, distribution="erk", seed=args.seed)
+        keras_rigl.rescale_active_weights(model)
+        optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+    per_example_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    rigl = keras_rigl.RigL(update_freq=args.update_freq, drop_fraction=args.drop_fraction, seed=args.seed)
+    # Before the step is traced: makes the gradient buffers (one per replica) and
+    # the capture switch that before_step turns on for update steps.
+    rigl.attach(model, total_steps=args.steps)
+    start_digests = keras_rigl.model_digests(model)
+
+    global_batch = args.batch_size
+
+    def dataset_fn(context):
+        # The same stream of global batches on every worker (same seed); each
+        # input pipeline keeps its own contiguous slice, cut per replica.
+        per_pipeline = global_batch // context.num_input_pipelines
+        per_replica = context.get_per_replica_batch_size(global_batch)
+        first = context.input_pipeline_id * per_pipeline
+        ds = tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train.astype("int32")))
+        ds = ds.shuffle(len(data.x_train), seed=args.seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.batch(global_batch, drop_remainder=True)
+        ds = ds.map(lambda x, y: (x[first:first + per_pipeline], y[first:first + per_pipeline]))
+        return ds.unbatch().batch(per_replica, drop_remainder=True)
+
+    options = tf.distribute.InputOptions(experimental_fetch_to_device=False)
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn, options))
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            # Divided by the global batch: the optimizer sums over replicas.
+            loss = tf.nn.compute_average_loss(per_example_loss(y, logits), global_batch_size=global_batch)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def train_step(iterator):
+        per_replica_loss = strategy.run(replica_step, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
+
+    losses = []
+    for _ in range(args.steps):
+        step = int(optimizer.iterations.numpy()) + 1
+        rigl.before_step(model, step)          # capture on for update steps
+        losses.append(float(train_step(iterator)))
+        rigl.after_step(model, step, optimizer)  # the update reads the all-reduced gradient
+    if not np.isfinite(losses[-1]):
+        raise SystemExit(f"error: the loss became {losses[-1]}; lower --lr.")
+
+    logits = model(data.x_test, training=False)  # each worker alone, on its own copy
+    accuracy = float(np.mean(np.argmax(keras.ops.convert_to_numpy(logits), -1) == data.y_test))
+    digests = keras_rigl.model_digests(model)
+    if args.save and worker == 0:  # the chief: the first 'chief', else worker 0
+        write_file(args.save, lambda tmp: model.save(tmp))
+    updates = rigl.updates
+    return {
+        "worker": worker,
+        "workers": workers,
+        "replicas": replicas,
+        "steps": args.steps,
+        "global_batch": global_batch,
+        "losses": losses,
+        "first_loss": float(np.mean(losses[: max(1, len(losses) // 5)])),
+        "last_loss": float(np.mean(losses[-max(1, len(losses) // 5):])),
+        "mask_updates": int(updates["step"].nunique()) if len(updates) else 0,
+        "moved": int(updates["n_moved"].sum()) if len(updates) else 0,
+        "test_accuracy": accuracy,
+        "sparsity": rigl.current_sparsity(model),
+        "start_digests": start_digests,
+        "digests": digests,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

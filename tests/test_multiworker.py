@@ -1,0 +1,171 @@
+"""Training in more than one process: every process must end with the same masks and weights.
+
+TensorFlow: ``scripts/train_multiworker.py`` (a custom loop under
+``tf.distribute.MultiWorkerMirroredStrategy``; Keras' ``model.fit`` does not
+run under that strategy, keras-team/keras#20585) is started as two real
+worker processes on localhost, each with its own ``TF_CONFIG``. Each writes
+the sha256 digests of its masks and weights; they must agree, a mask update
+must have moved connections, and the loss must fall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "train_multiworker.py")
+WORKER_TIMEOUT_S = 420  # two TensorFlow processes on a loaded 2-core machine: ~2 minutes, usually less
+
+
+def free_ports(n):
+    """``n`` distinct ports that were free on localhost a moment ago (held together, so distinct)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind(("localhost", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _kill(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: the worker and only its children
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+def run_cluster(tmp_path, argv, n=2, timeout=WORKER_TIMEOUT_S):
+    """Start ``n`` workers of ``SCRIPT argv`` on localhost; return their result dicts (or fail with their logs)."""
+    ports = free_ports(n)
+    workers = [f"localhost:{port}" for port in ports]
+    procs, logs, results = [], [], []
+    try:
+        for index in range(n):
+            env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+            results.append(tmp_path / f"worker{index}.json")
+            logs.append(open(tmp_path / f"worker{index}.log", "w+"))
+            procs.append(subprocess.Popen(
+                [sys.executable, SCRIPT, *argv, "--result", str(results[-1])],
+                env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True,
+            ))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            # One worker failing leaves the other waiting for it forever: stop at the first failure.
+            if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
+    finally:
+        _kill(procs)
+        text = []
+        for index, log in enumerate(logs):
+            log.seek(0)
+            text.append(f"--- worker {index} (exit {procs[index].returncode}) ---\n{log.read()[-4000:]}")
+            log.close()
+    report = "\n".join(text)
+    assert all(p.returncode == 0 for p in procs), f"a worker failed or timed out after {timeout} s:\n{report}"
+    return [json.loads(path.read_text()) for path in results], report
+
+
+ARGS = ["--dataset", "synthetic", "--model", "mlp", "--sparsity", "0.8", "--lr", "0.1", "--steps", "24",
+        "--update-freq", "4", "--drop-fraction", "0.5", "--batch-size", "32", "--seed", "3"]
+
+
+def test_two_tensorflow_workers_end_with_identical_masks_and_weights(tmp_path):
+    results, report = run_cluster(tmp_path, ARGS)
+    assert [r["worker"] for r in results] == [0, 1] and all(r["workers"] == 2 for r in results), report
+    assert all(r["replicas"] == 2 for r in results), "one replica per worker, two in sync"
+    first, second = results
+    assert first["digests"]["masks"] == second["digests"]["masks"], report
+    assert first["digests"]["weights"] == second["digests"]["weights"], report
+    assert first["start_digests"] == second["start_digests"], "the workers started from different models"
+    # Mask updates happened and moved connections (steps 4, 8, ..., 16 of the 0.75 * 24-step plan).
+    assert first["mask_updates"] == 4 and first["moved"] > 0, report
+    assert first["digests"]["masks"] != first["start_digests"]["masks"], "the masks never changed"
+    # The all-reduced loss is the same number in every worker, and it fell.
+    assert np.array_equal(first["losses"], second["losses"])
+    assert first["last_loss"] < 0.5 * first["first_loss"], first["losses"]
+    assert abs(first["sparsity"] - 0.8) < 1e-3
+
+
+# ---------------------------------------------------- argument checks (no TensorFlow run)
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_multiworker", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('["worker"]', "is a list"),
+        ('{"cluster": {"worker": ["localhost:1"]}}', "needs 'cluster' and 'task'"),
+        ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "'host:port'"),
+        ('{"cluster": {"ps": ["localhost:1"]}, "task": {"type": "ps", "index": 0}}', "only 'chief' and 'worker'"),
+        ('{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 2}}',
+         "not one of the cluster's members"),
+    ],
+)
+def test_bad_tf_config_is_a_usage_error(tf_config, message, capsys):
+    module = _script_module()
+    with pytest.raises(SystemExit) as exit_info:
+        module.cluster_from_env(module.build_parser(), {"TF_CONFIG": tf_config})
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tf_config_gives_worker_count_and_index():
+    module = _script_module()
+    parser = module.build_parser()
+    two = '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}'
+    with_chief = '{"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}'
+    assert module.cluster_from_env(parser, {"TF_CONFIG": two}) == (2, 1)
+    assert module.cluster_from_env(parser, {"TF_CONFIG": with_chief}) == (2, 1)
+    assert module.cluster_from_env(parser, {}) == (1, 0)
+
+
+def test_batch_that_does_not_split_over_the_workers_is_refused(capsys, monkeypatch):
+    module = _script_module()
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}')
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--batch-size", "33"])
+    assert exit_info.value.code == 2
+    assert "multiple of 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ model_digests
+def test_model_digests_see_one_flipped_mask_entry_and_one_changed_weight():
+    import keras
+
+    import keras_rigl
+    from conftest import sparse_cnn
+
+    model, twin = sparse_cnn(seed=0), sparse_cnn(seed=0)
+    before = keras_rigl.model_digests(model)
+    assert before == keras_rigl.model_digests(twin)  # same seed, same state
+    mw = keras_rigl.masked_layers(model)[0].masked_weights[0]
+    mask = keras.ops.convert_to_numpy(mw.mask).copy()
+    mask.flat[0] = 1 - mask.flat[0]
+    mw.mask.assign(mask)
+    flipped = keras_rigl.model_digests(model)
+    assert flipped["masks"] != before["masks"] and flipped["weights"] != before["weights"]
+    bias = model.get_layer("masked_out").layer.bias
+    bias.assign(bias.numpy() + np.float32(1e-7))
+    nudged = keras_rigl.model_digests(model)
+    assert nudged["masks"] == flipped["masks"] and nudged["weights"] != flipped["weights"]
