@@ -19,11 +19,13 @@ from keras import ops
 from keras_rigl.sparsify import masked_layers
 
 
-def _update(digest, name, value):
+def _update(digest, position, value):
     array = np.ascontiguousarray(ops.convert_to_numpy(value))
-    # Name, dtype and shape are hashed with the bytes: a reshaped or retyped
-    # array with the same bytes is a different model.
-    digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+    # Position, dtype and shape are hashed with the bytes (a reshaped or
+    # retyped array is a different model), not the variable's path: the path
+    # depends on how the model was built (a loaded model names the wrapped
+    # layers' weights differently from the sparsify'd one it was saved from).
+    digest.update(f"{position}|{array.dtype.str}|{array.shape}|".encode())
     digest.update(array.tobytes())
 
 
@@ -33,14 +35,15 @@ def model_digests(model):
     ``masks`` covers the mask of every masked weight (in the order of
     :func:`keras_rigl.masked_layers`), ``weights`` every variable in
     ``model.weights`` (trainable and not, masks included), each with its
-    path, dtype and shape. Equal digests in two processes mean bit-identical
-    state; the digest of one array is independent of the backend.
+    position, dtype and shape. Equal digests in two processes mean
+    bit-identical state; a model saved and loaded again has the digests it
+    was saved with.
     """
     masks = hashlib.sha256()
-    for layer in masked_layers(model):
-        for mw in layer.masked_weights:
-            _update(masks, mw.mask.path, mw.mask)
+    all_masks = [mw.mask for layer in masked_layers(model) for mw in layer.masked_weights]
+    for position, mask in enumerate(all_masks):
+        _update(masks, position, mask)
     weights = hashlib.sha256()
-    for variable in model.weights:
-        _update(weights, variable.path, variable)
+    for position, variable in enumerate(model.weights):
+        _update(weights, position, variable)
     return {"masks": masks.hexdigest(), "weights": weights.hexdigest()}

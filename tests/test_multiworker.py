@@ -169,3 +169,16 @@ def test_model_digests_see_one_flipped_mask_entry_and_one_changed_weight():
     bias.assign(bias.numpy() + np.float32(1e-7))
     nudged = keras_rigl.model_digests(model)
     assert nudged["masks"] == flipped["masks"] and nudged["weights"] != flipped["weights"]
+
+
+def test_model_digests_of_a_saved_and_loaded_model_are_the_same(tmp_path):
+    """The digest is of the values, not of how the variables were named when the model was built."""
+    import keras
+
+    import keras_rigl
+    from conftest import sparse_cnn
+
+    model = sparse_cnn(seed=0)
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    assert keras_rigl.model_digests(again) == keras_rigl.model_digests(model)
