@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a sparse network with RigL on several machines (tf.distribute.MultiWorkerMirroredStrategy).
+"""Train a sparse network with RigL (or SET, SNFS) on several machines (tf.distribute.MultiWorkerMirroredStrategy).
 
 Start the same command on every machine, each with its own TF_CONFIG (the
 cluster's worker addresses, the same on every machine, and this machine's
@@ -48,6 +48,7 @@ from rigl_harness.atomic import write_file, write_text  # noqa: E402
 from rigl_harness.cli import HelpFormatter, ranged  # noqa: E402
 
 MODELS = ("cnn", "mlp")
+METHODS = ("rigl", "set", "snfs")
 
 
 def build_parser():
@@ -55,6 +56,9 @@ def build_parser():
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--dataset", default="synthetic", help="mnist5k | digits | synthetic | PATH.npz")
     p.add_argument("--model", default="cnn", choices=MODELS, help="architecture (rigl_harness.zoo)")
+    p.add_argument("--method", default="rigl", choices=METHODS,
+                   help="rigl grows by the all-reduced dense gradient, snfs by its all-reduced moving average, "
+                        "set at random from the seed")
     p.add_argument("--sparsity", type=ranged(float, 0.0, 1.0, hi_open=True, what=" (must be in [0, 1))"), default=0.9,
                    help="share of masked weights that are zero (ERK)")
     p.add_argument("--steps", type=ranged(int, 1, what=" (optimizer steps, >= 1)"), default=200,
@@ -158,10 +162,11 @@ def train(args, data, workers=1, worker=0):
         optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
         optimizer.build(model.trainable_variables)
     per_example_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    rigl = keras_rigl.RigL(update_freq=args.update_freq, drop_fraction=args.drop_fraction, seed=args.seed)
-    # Before the step is traced: makes the gradient buffers (one per replica) and
-    # the capture switch that before_step turns on for update steps.
-    rigl.attach(model, total_steps=args.steps)
+    method = {"rigl": keras_rigl.RigL, "set": keras_rigl.SET, "snfs": keras_rigl.SNFS}[args.method]
+    algo = method(update_freq=args.update_freq, drop_fraction=args.drop_fraction, seed=args.seed)
+    # Before the step is traced: RigL and SNFS make the gradient buffers (one per
+    # replica) and the capture switch that before_step turns on for update steps.
+    algo.attach(model, total_steps=args.steps)
     start_digests = keras_rigl.model_digests(model)
 
     global_batch = args.batch_size
@@ -198,9 +203,9 @@ def train(args, data, workers=1, worker=0):
     losses = []
     for _ in range(args.steps):
         step = int(optimizer.iterations.numpy()) + 1
-        rigl.before_step(model, step)          # capture on for update steps
+        algo.before_step(model, step)          # RigL: capture on for update steps
         losses.append(float(train_step(iterator)))
-        rigl.after_step(model, step, optimizer)  # the update reads the all-reduced gradient
+        algo.after_step(model, step, optimizer)  # the update reads the all-reduced gradient
     if not np.isfinite(losses[-1]):
         raise SystemExit(f"error: the loss became {losses[-1]}; lower --lr.")
 
@@ -209,11 +214,12 @@ def train(args, data, workers=1, worker=0):
     digests = keras_rigl.model_digests(model)
     if args.save and worker == 0:  # the chief: the first 'chief', else worker 0
         write_file(args.save, lambda tmp: model.save(tmp))
-    updates = rigl.updates
+    updates = algo.updates
     return {
         "worker": worker,
         "workers": workers,
         "replicas": replicas,
+        "method": args.method,
         "steps": args.steps,
         "global_batch": global_batch,
         "losses": losses,
@@ -222,7 +228,7 @@ def train(args, data, workers=1, worker=0):
         "mask_updates": int(updates["step"].nunique()) if len(updates) else 0,
         "moved": int(updates["n_moved"].sum()) if len(updates) else 0,
         "test_accuracy": accuracy,
-        "sparsity": rigl.current_sparsity(model),
+        "sparsity": algo.current_sparsity(model),
         "start_digests": start_digests,
         "digests": digests,
     }

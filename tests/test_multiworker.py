@@ -83,8 +83,10 @@ ARGS = ["--dataset", "synthetic", "--model", "mlp", "--sparsity", "0.8", "--lr",
         "--update-freq", "4", "--drop-fraction", "0.5", "--batch-size", "32", "--seed", "3"]
 
 
-def test_two_tensorflow_workers_end_with_identical_masks_and_weights(tmp_path):
-    results, report = run_cluster(tmp_path, ARGS)
+@pytest.mark.parametrize("method", ["rigl", "snfs"])  # the gradient of this step / its moving average
+def test_two_tensorflow_workers_end_with_identical_masks_and_weights(tmp_path, method):
+    results, report = run_cluster(tmp_path, ARGS + ["--method", method])
+    assert all(r["method"] == method for r in results)
     assert [r["worker"] for r in results] == [0, 1] and all(r["workers"] == 2 for r in results), report
     assert all(r["replicas"] == 2 for r in results), "one replica per worker, two in sync"
     first, second = results
