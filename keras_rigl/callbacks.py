@@ -46,7 +46,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_rigl import _compat, counting, gradient_capture, optimizer_state, schedule, updates, validation
+from keras_rigl import _compat, backend_capture, counting, gradient_capture, optimizer_state, schedule, updates, validation
 from keras_rigl.sparsify import masked_layers
 
 GROW_INITS = ("zeros", "random")
@@ -249,11 +249,12 @@ class SparseTraining(keras.callbacks.Callback):
                 "Make the model sparse first: model = keras_rigl.sparsify(model, sparsity=...)."
             )
         if self.gradient_mode != gradient_capture.MODE_OFF:
-            missing = [l.name for l in layers if not l.capture_gradients or not gradient_capture.available()]
+            missing = [l.name for l in layers if not l.can_capture_gradients]
             if missing:
                 raise ValueError(
                     f"{type(self).__name__} grows by the dense gradient, which these layers do not capture: "
-                    f"{missing}. Use the TensorFlow backend and Masked(..., capture_gradients=True) (the default)."
+                    f"{missing}. Use Masked(..., capture_gradients=True) (the default) on the TensorFlow, JAX or "
+                    "PyTorch backend."
                 )
         self.build_schedule(total_steps, plan_start)
         self.step = int(step)
@@ -282,6 +283,8 @@ class SparseTraining(keras.callbacks.Callback):
 
     def after_step(self, model, step, optimizer=None):
         """Call after optimizer step ``step``: updates the masks if it is an update step."""
+        if self.gradient_mode == gradient_capture.MODE_EMA:
+            backend_capture.accumulate(model)  # JAX/PyTorch: SNFS's moving average, every step
         if not self.is_update_step(step):
             return []
         rows = self.update_masks(model, step, optimizer)
@@ -603,6 +606,8 @@ class SparseTraining(keras.callbacks.Callback):
         self._plain_function = None
         if self.gradient_mode == gradient_capture.MODE_OFF or not self.changes_masks:
             return
+        if not gradient_capture.available():
+            return  # JAX/PyTorch: the probes capture in the model's own step (backend_capture)
         current = _compat.current_train_function(model)
         cache = getattr(model, "_keras_rigl_step_functions", None)
         if cache is not None and any(current is f for f in cache[1].values()):

@@ -50,7 +50,7 @@ import math
 import keras
 import numpy as np
 
-from keras_rigl import _compat, maskable, validation
+from keras_rigl import _compat, backend_capture, maskable, validation
 from keras_rigl.masked import Masked
 from keras_rigl.sparsify import all_layers, masked_layers
 
@@ -177,6 +177,8 @@ def count_nonzero_params(model):
     masks = {id(mw.weight): (layer, mw) for layer in masked_layers(model) for mw in layer.masked_weights}
     total = 0
     for variable in model.trainable_weights:
+        if backend_capture.is_probe(variable):
+            continue  # a gradient probe (JAX/PyTorch) holds the last gradient, no parameter
         if id(variable) in masks:
             total += int(np.count_nonzero(mask_array(*masks[id(variable)])))
         else:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
-from keras_rigl import _compat, gradient_capture, maskable
+from keras_rigl import _compat, backend_capture, gradient_capture, maskable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,13 @@ class Masked(keras.layers.Wrapper):
                 initializer="ones",
                 trainable=False,
             )
-            masked.append(MaskedWeight(ref.name, ref.variable, mask, ref))
+            capture = None
+            if self.capture_gradients and backend_capture.available():
+                # JAX/PyTorch: the dense gradient leaves the step through a probe (see backend_capture).
+                probe = backend_capture.make_probe(self, ref.name.replace("/", "_"), ref.variable.shape,
+                                                   ref.variable.dtype)
+                capture = backend_capture.ProbeCapture(probe)
+            masked.append(MaskedWeight(ref.name, ref.variable, mask, ref, capture))
         # Keep our own bookkeeping out of Keras' attribute tracking.
         object.__setattr__(self, "_masked_weights", masked)
 
@@ -173,7 +179,9 @@ class Masked(keras.layers.Wrapper):
 
     # ------------------------------------------------------------------- call
     def _effective(self, mw):
-        if mw.capture is not None:
+        if isinstance(mw.capture, backend_capture.ProbeCapture):
+            value = backend_capture.probed_value(mw.weight, mw.mask, mw.capture.probe)
+        elif mw.capture is not None:
             value = mw.capture.masked_value(mw.weight, mw.mask, self._capture_trace)
         else:
             value = keras.ops.multiply(mw.weight, keras.ops.cast(mw.mask, mw.weight.dtype))
@@ -219,7 +227,13 @@ class Masked(keras.layers.Wrapper):
 
         Switching to store or EMA clears each buffer's ``written`` flag, so
         that reading it before a training step has captured is an error.
+        On JAX/PyTorch the probes capture on every step; this only chooses
+        what ``capture.read()`` returns (see :mod:`keras_rigl.backend_capture`).
         """
+        if self.uses_probes:
+            for mw in self._masked_weights:
+                mw.capture.set_mode(int(mode), ema_decay)
+            return
         if not self.capture_gradients or not gradient_capture.available():
             raise RuntimeError(
                 f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
@@ -234,6 +248,16 @@ class Masked(keras.layers.Wrapper):
         if int(mode) != gradient_capture.MODE_OFF:
             for mw in self._masked_weights:
                 mw.capture.clear_written()
+
+    @property
+    def uses_probes(self):
+        """True when this layer captures the dense gradient through probes (JAX/PyTorch)."""
+        return any(isinstance(mw.capture, backend_capture.ProbeCapture) for mw in self._masked_weights)
+
+    @property
+    def can_capture_gradients(self):
+        """True when RigL and SNFS can grow this layer by its dense gradient on this backend."""
+        return self.capture_gradients and (gradient_capture.available() or self.uses_probes)
 
     @property
     def capture_trace(self):
@@ -252,6 +276,8 @@ class Masked(keras.layers.Wrapper):
         """
         if trace not in gradient_capture.TRACES:
             raise ValueError(f"Unknown capture trace {trace!r}; use one of {gradient_capture.TRACES}.")
+        if self.uses_probes:
+            return  # probes need no trace of their own
         if trace != gradient_capture.TRACE_OFF and (not self.capture_gradients or not gradient_capture.available()):
             raise RuntimeError(
                 f"Layer {self.name!r} does not capture gradients (capture_gradients=False "
@@ -311,6 +337,25 @@ class Masked(keras.layers.Wrapper):
         return value != 0
 
     # ---------------------------------------------------------- serialization
+    def save_own_variables(self, store):
+        """The masks only: a gradient probe (JAX/PyTorch) is no state, and a ``.keras`` file
+        is then the same on every backend (the masks at ``"0"``, ``"1"``... as Keras writes them)."""
+        if not self.uses_probes:
+            return super().save_own_variables(store)
+        for index, mw in enumerate(self._masked_weights):
+            store[str(index)] = mw.mask
+
+    def load_own_variables(self, store):
+        if not self.uses_probes:
+            return super().load_own_variables(store)
+        if len(store.keys()) != len(self._masked_weights):
+            raise ValueError(
+                f"Layer {self.name!r} expects {len(self._masked_weights)} masks in the saved file, found "
+                f"{len(store.keys())}; the file was saved from a different model."
+            )
+        for index, mw in enumerate(self._masked_weights):
+            mw.mask.assign(store[str(index)])
+
     def get_config(self):
         config = super().get_config()
         config.update(mask_depthwise=self.mask_depthwise, capture_gradients=self.capture_gradients)
