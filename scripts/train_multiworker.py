@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Train a sparse network with RigL (or SET, SNFS) on several machines (tf.distribute.MultiWorkerMirroredStrategy).
+"""Train a sparse network with RigL (or SET, SNFS) on several machines, on TensorFlow or JAX.
 
-Start the same command on every machine, each with its own TF_CONFIG (the
+TensorFlow (tf.distribute.MultiWorkerMirroredStrategy): start the same
+command on every machine, each with its own TF_CONFIG (the
 cluster's worker addresses, the same on every machine, and this machine's
 index); here two workers on one machine:
 
@@ -25,6 +26,21 @@ this is a custom training loop driven by the callback's hooks
   reads it averaged over all workers (an all-reduce), i.e. the dense
   gradient of the global batch, and ranks the same weights with the same
   seed, so every worker selects the same masks without sending any mask.
+
+JAX (KERAS_BACKEND=jax): ``model.fit(..., callbacks=[keras_rigl.RigL(...)])``
+under ``keras.distribution.DataParallel`` over the devices of all processes;
+every process calls ``jax.distributed.initialize`` with process 0's address,
+the number of processes and its own id, and feeds its slice of every global
+batch (``auto_shard_dataset=False``); two processes on one machine:
+
+    KERAS_BACKEND=jax python scripts/train_multiworker.py --coordinator localhost:12345 --num-processes 2 --process-id 0 &
+    KERAS_BACKEND=jax python scripts/train_multiworker.py --coordinator localhost:12345 --num-processes 2 --process-id 1
+
+There the dense gradient is the global batch's already (the gradient probes
+of keras_rigl.backend_capture are replicated variables, reduced by the
+compiled step), and the update computed from replicated values in each
+process is written back through JAX, which checks that every process passes
+the same value.
 
 Each worker prints, and writes with ``--result FILE`` (JSON, atomically),
 the sha256 digests of its masks and of all its weights
@@ -73,6 +89,13 @@ def build_parser():
                    help="SGD (momentum 0.9) learning rate")
     p.add_argument("--seed", type=ranged(int, 0, what=" (--seed must be an integer >= 0)"), default=0,
                    help="seed of the initialisation, masks and batch order: the same on every worker")
+    jax_group = p.add_argument_group("KERAS_BACKEND=jax (TensorFlow reads TF_CONFIG instead)")
+    jax_group.add_argument("--coordinator", default=None,
+                           help="HOST:PORT of process 0, the same on every machine (jax.distributed.initialize)")
+    jax_group.add_argument("--num-processes", type=ranged(int, 1, what=" (>= 1)"), default=1,
+                           help="number of processes (machines), the same on every machine")
+    jax_group.add_argument("--process-id", type=ranged(int, 0, what=" (>= 0)"), default=0,
+                           help="this process: 0 .. num-processes - 1")
     p.add_argument("--result", default=None, help="write this worker's digests, losses and updates here (JSON)")
     p.add_argument("--save", default=None, help="the chief (worker 0) saves the trained model here (.keras)")
     return p
@@ -111,10 +134,32 @@ def cluster_from_env(parser, environ=os.environ):
     return len(members), members.index((kind, index))
 
 
+def cluster_from_flags(parser, args):
+    """``(processes, index)`` of a JAX run from --coordinator, --num-processes and --process-id."""
+    if args.process_id >= args.num_processes:
+        parser.error(f"--process-id {args.process_id} must be below --num-processes {args.num_processes} "
+                     "(0 on the first machine, num-processes - 1 on the last).")
+    if args.num_processes > 1 and (args.coordinator is None or ":" not in args.coordinator):
+        parser.error(f"--num-processes {args.num_processes} needs --coordinator HOST:PORT (process 0's address), "
+                     f"got {args.coordinator!r}.")
+    return args.num_processes, args.process_id
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    workers, worker = cluster_from_env(parser)
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend == "jax":
+        workers, worker = cluster_from_flags(parser, args)
+    elif backend == "tensorflow":
+        given = [flag for flag, value, default in (("--coordinator", args.coordinator, None),
+                 ("--num-processes", args.num_processes, 1), ("--process-id", args.process_id, 0)) if value != default]
+        if given:
+            parser.error(f"{', '.join(given)}: for KERAS_BACKEND=jax; on TensorFlow every worker reads TF_CONFIG.")
+        workers, worker = cluster_from_env(parser)
+    else:
+        parser.error(f"KERAS_BACKEND={backend!r}: this script runs on tensorflow (MultiWorkerMirroredStrategy) "
+                     "or jax (keras.distribution.DataParallel).")
     if args.batch_size % workers:
         parser.error(f"--batch-size {args.batch_size} does not split over {workers} workers; "
                      f"use a multiple of {workers}.")
@@ -128,8 +173,8 @@ def main(argv=None):
         data = datasets.load_dataset(args.dataset, seed=args.seed)
     except (ValueError, TypeError, OSError) as exc:
         parser.error(f"--dataset {args.dataset!r}: {exc}")
-    result = train(args, data, workers, worker)
-    line = (f"worker {result['worker']}/{result['workers']}: loss {result['first_loss']:.4f} -> "
+    result = (train_jax if backend == "jax" else train)(args, data, workers, worker)
+    line = (f"{backend} worker {result['worker']}/{result['workers']}: loss {result['first_loss']:.4f} -> "
             f"{result['last_loss']:.4f}, {result['mask_updates']} mask updates, test accuracy "
             f"{result['test_accuracy']:.3f}, sparsity {result['sparsity']:.3f}\n"
             f"  masks sha256   {result['digests']['masks']}\n"
@@ -140,7 +185,57 @@ def main(argv=None):
     return 0
 
 
+def sparse_model(args, data):
+    """The model every worker builds alike: same seed, same initial weights, same masks."""
+    import keras_rigl
+
+    model = zoo.build_model(args.model, data.input_shape, data.num_classes, seed=args.seed)
+    model = keras_rigl.sparsify(model, args.sparsity, distribution="erk", seed=args.seed)
+    keras_rigl.rescale_active_weights(model)
+    return model
+
+
+def sparse_method(args):
+    import keras_rigl
+
+    method = {"rigl": keras_rigl.RigL, "set": keras_rigl.SET, "snfs": keras_rigl.SNFS}[args.method]
+    return method(update_freq=args.update_freq, drop_fraction=args.drop_fraction, seed=args.seed)
+
+
+def summary(args, data, model, algo, losses, start_digests, workers, worker, replicas):
+    """What every worker prints and writes: digests, losses, mask updates, held-out accuracy."""
+    import keras
+    import numpy as np
+
+    import keras_rigl
+
+    if not np.isfinite(losses[-1]):
+        raise SystemExit(f"error: the loss became {losses[-1]}; lower --lr.")
+    logits = model(data.x_test, training=False)  # each worker alone, on its own copy
+    accuracy = float(np.mean(np.argmax(keras.ops.convert_to_numpy(logits), -1) == data.y_test))
+    updates = algo.updates
+    share = max(1, len(losses) // 5)
+    return {
+        "worker": worker,
+        "workers": workers,
+        "replicas": replicas,
+        "method": args.method,
+        "steps": args.steps,
+        "global_batch": args.batch_size,
+        "losses": [float(v) for v in losses],
+        "first_loss": float(np.mean(losses[:share])),
+        "last_loss": float(np.mean(losses[-share:])),
+        "mask_updates": int(updates["step"].nunique()) if len(updates) else 0,
+        "moved": int(updates["n_moved"].sum()) if len(updates) else 0,
+        "test_accuracy": accuracy,
+        "sparsity": algo.current_sparsity(model),
+        "start_digests": start_digests,
+        "digests": keras_rigl.model_digests(model),
+    }
+
+
 def train(args, data, workers=1, worker=0):
+    """TensorFlow: a custom loop under MultiWorkerMirroredStrategy (TF_CONFIG names the workers)."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -154,16 +249,12 @@ def train(args, data, workers=1, worker=0):
                          f"use a multiple of {replicas}.")
 
     with strategy.scope():
-        # Every worker builds the same model from the same seed (and the strategy
-        # broadcasts the chief's initial values); the masks follow from the seed.
-        model = zoo.build_model(args.model, data.input_shape, data.num_classes, seed=args.seed)
-        model = keras_rigl.sparsify(model, args.sparsity, distribution="erk", seed=args.seed)
-        keras_rigl.rescale_active_weights(model)
+        # (The strategy also broadcasts the chief's initial values.)
+        model = sparse_model(args, data)
         optimizer = keras.optimizers.SGD(args.lr, momentum=0.9)
         optimizer.build(model.trainable_variables)
     per_example_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    method = {"rigl": keras_rigl.RigL, "set": keras_rigl.SET, "snfs": keras_rigl.SNFS}[args.method]
-    algo = method(update_freq=args.update_freq, drop_fraction=args.drop_fraction, seed=args.seed)
+    algo = sparse_method(args)
     # Before the step is traced: RigL and SNFS make the gradient buffers (one per
     # replica) and the capture switch that before_step turns on for update steps.
     algo.attach(model, total_steps=args.steps)
@@ -206,32 +297,65 @@ def train(args, data, workers=1, worker=0):
         algo.before_step(model, step)          # RigL: capture on for update steps
         losses.append(float(train_step(iterator)))
         algo.after_step(model, step, optimizer)  # the update reads the all-reduced gradient
-    if not np.isfinite(losses[-1]):
-        raise SystemExit(f"error: the loss became {losses[-1]}; lower --lr.")
-
-    logits = model(data.x_test, training=False)  # each worker alone, on its own copy
-    accuracy = float(np.mean(np.argmax(keras.ops.convert_to_numpy(logits), -1) == data.y_test))
-    digests = keras_rigl.model_digests(model)
     if args.save and worker == 0:  # the chief: the first 'chief', else worker 0
         write_file(args.save, lambda tmp: model.save(tmp))
-    updates = algo.updates
-    return {
-        "worker": worker,
-        "workers": workers,
-        "replicas": replicas,
-        "method": args.method,
-        "steps": args.steps,
-        "global_batch": global_batch,
-        "losses": losses,
-        "first_loss": float(np.mean(losses[: max(1, len(losses) // 5)])),
-        "last_loss": float(np.mean(losses[-max(1, len(losses) // 5):])),
-        "mask_updates": int(updates["step"].nunique()) if len(updates) else 0,
-        "moved": int(updates["n_moved"].sum()) if len(updates) else 0,
-        "test_accuracy": accuracy,
-        "sparsity": algo.current_sparsity(model),
-        "start_digests": start_digests,
-        "digests": digests,
-    }
+    return summary(args, data, model, algo, losses, start_digests, workers, worker, replicas)
+
+
+def train_jax(args, data, processes=1, process=0):
+    """JAX: ``model.fit`` under ``keras.distribution.DataParallel`` over the devices of all processes."""
+    import jax
+
+    if processes > 1:
+        # Before Keras touches a device: afterwards jax.devices() lists every process's devices.
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=processes,
+                                   process_id=process)
+    import keras
+    import numpy as np
+
+    import keras_rigl
+
+    devices = keras.distribution.list_devices()
+    replicas = len(devices)
+    if args.batch_size % replicas:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not split over {replicas} devices; "
+                         f"use a multiple of {replicas}.")
+    # auto_shard_dataset=False: each process passes its own slice of every global
+    # batch, and Keras assembles the global batch from the processes' slices.
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
+    model = sparse_model(args, data)
+    model.compile(keras.optimizers.SGD(args.lr, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    algo = sparse_method(args)
+    start_digests = keras_rigl.model_digests(model)
+
+    # The same shuffled stream of global batches in every process (same seed);
+    # process p keeps rows p*per .. (p+1)*per - 1 of each.
+    per_process = args.batch_size // processes
+    rng = np.random.default_rng(args.seed)
+    epochs = -(-args.steps * args.batch_size // len(data.x_train))
+    order = np.concatenate([rng.permutation(len(data.x_train)) for _ in range(epochs)])
+    order = order[: args.steps * args.batch_size].reshape(args.steps, args.batch_size)
+    local = order[:, process * per_process:(process + 1) * per_process].reshape(-1)
+
+    class StepLosses(keras.callbacks.Callback):
+        """The loss of every step, from the running mean over the epoch that ``fit`` logs."""
+
+        def __init__(self):
+            super().__init__()
+            self.losses, self._total = [], 0.0
+
+        def on_train_batch_end(self, batch, logs=None):
+            total = float(logs["loss"]) * (batch + 1)  # equal batches: mean * count = sum so far
+            self.losses.append(total - self._total)
+            self._total = total
+
+    step_losses = StepLosses()
+    model.fit(data.x_train[local], data.y_train[local].astype("int32"), batch_size=per_process, epochs=1,
+              shuffle=False, callbacks=[algo, step_losses], verbose=0)
+    if args.save and process == 0:
+        write_file(args.save, lambda tmp: model.save(tmp))
+    return summary(args, data, model, algo, step_losses.losses, start_digests, processes, process, replicas)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Training in more than one process: every process must end with the same masks and weights.
 
-TensorFlow: ``scripts/train_multiworker.py`` (a custom loop under
-``tf.distribute.MultiWorkerMirroredStrategy``; Keras' ``model.fit`` does not
-run under that strategy, keras-team/keras#20585) is started as two real
-worker processes on localhost, each with its own ``TF_CONFIG``. Each writes
+``scripts/train_multiworker.py`` is started as two real processes on
+localhost. TensorFlow: a custom loop under
+``tf.distribute.MultiWorkerMirroredStrategy`` (Keras' ``model.fit`` does not
+run under that strategy, keras-team/keras#20585), each worker with its own
+``TF_CONFIG``. JAX: ``model.fit`` with ``keras_rigl.RigL`` under
+``keras.distribution.DataParallel`` over both processes
+(``jax.distributed.initialize`` with a localhost coordinator), each process
+feeding its half of every global batch. Each process writes
 the sha256 digests of its masks and weights; they must agree, a mask update
 must have moved connections, and the loss must fall.
 """
@@ -46,24 +50,24 @@ def _kill(procs):
             proc.wait(timeout=10)
 
 
-def run_cluster(tmp_path, argv, n=2, timeout=WORKER_TIMEOUT_S):
-    """Start ``n`` workers of ``SCRIPT argv`` on localhost; return their result dicts (or fail with their logs)."""
-    ports = free_ports(n)
-    workers = [f"localhost:{port}" for port in ports]
+def run_processes(tmp_path, commands, timeout=WORKER_TIMEOUT_S):
+    """Start every ``(argv, env)`` of ``commands`` at once (``--result`` appended); return their results.
+
+    One process failing leaves the others waiting for it forever: all are
+    killed at the first failure or at ``timeout``, and the assertion shows
+    every process's log.
+    """
     procs, logs, results = [], [], []
     try:
-        for index in range(n):
-            env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
-            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-            results.append(tmp_path / f"worker{index}.json")
-            logs.append(open(tmp_path / f"worker{index}.log", "w+"))
+        for index, (argv, env) in enumerate(commands):
+            results.append(tmp_path / f"process{index}.json")
+            logs.append(open(tmp_path / f"process{index}.log", "w+"))
             procs.append(subprocess.Popen(
-                [sys.executable, SCRIPT, *argv, "--result", str(results[-1])],
+                [*argv, "--result", str(results[-1])],
                 env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True,
             ))
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
-            # One worker failing leaves the other waiting for it forever: stop at the first failure.
             if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
                 break
             time.sleep(0.5)
@@ -72,11 +76,22 @@ def run_cluster(tmp_path, argv, n=2, timeout=WORKER_TIMEOUT_S):
         text = []
         for index, log in enumerate(logs):
             log.seek(0)
-            text.append(f"--- worker {index} (exit {procs[index].returncode}) ---\n{log.read()[-4000:]}")
+            text.append(f"--- process {index} (exit {procs[index].returncode}) ---\n{log.read()[-4000:]}")
             log.close()
     report = "\n".join(text)
-    assert all(p.returncode == 0 for p in procs), f"a worker failed or timed out after {timeout} s:\n{report}"
+    assert all(p.returncode == 0 for p in procs), f"a process failed or timed out after {timeout} s:\n{report}"
     return [json.loads(path.read_text()) for path in results], report
+
+
+def run_cluster(tmp_path, argv, n=2):
+    """``n`` TensorFlow workers of ``SCRIPT argv`` on localhost, each with its TF_CONFIG."""
+    workers = [f"localhost:{port}" for port in free_ports(n)]
+    commands = []
+    for index in range(n):
+        env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        commands.append(([sys.executable, SCRIPT, *argv], env))
+    return run_processes(tmp_path, commands)
 
 
 ARGS = ["--dataset", "synthetic", "--model", "mlp", "--sparsity", "0.8", "--lr", "0.1", "--steps", "24",
@@ -100,6 +115,41 @@ def test_two_tensorflow_workers_end_with_identical_masks_and_weights(tmp_path, m
     assert np.array_equal(first["losses"], second["losses"])
     assert first["last_loss"] < 0.5 * first["first_loss"], first["losses"]
     assert abs(first["sparsity"] - 0.8) < 1e-3
+
+
+def jax_python():
+    """The Python that runs the JAX processes: KERAS_RIGL_BACKEND_PYTHON (as in test_backends), else this one."""
+    return os.environ.get("KERAS_RIGL_BACKEND_PYTHON", sys.executable)
+
+
+def test_two_jax_processes_under_data_parallel_end_with_identical_masks_and_weights(tmp_path):
+    """keras.distribution.DataParallel over two processes (jax.distributed.initialize, localhost coordinator)."""
+    python = jax_python()
+    probe = subprocess.run([python, "-c", "import jax"], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        reason = (f"jax is not importable by {python} ({probe.stderr.strip().splitlines()[-1:]}); "
+                  'pip install -e ".[jax]" or set KERAS_RIGL_BACKEND_PYTHON')
+        print(reason)
+        pytest.skip(reason)
+    coordinator = f"localhost:{free_ports(1)[0]}"
+    commands = []
+    for index in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+        env.pop("TF_CONFIG", None)
+        argv = [python, SCRIPT, *ARGS, "--method", "rigl", "--coordinator", coordinator, "--num-processes", "2",
+                "--process-id", str(index)]
+        commands.append((argv, env))
+    results, report = run_processes(tmp_path, commands)
+    first, second = results
+    assert [r["worker"] for r in results] == [0, 1] and all(r["workers"] == 2 for r in results), report
+    assert all(r["replicas"] == 2 for r in results), "one CPU device per process, two in the data-parallel mesh"
+    assert first["digests"] == second["digests"], report
+    assert first["start_digests"] == second["start_digests"], "the processes started from different models"
+    assert first["mask_updates"] == 4 and first["moved"] > 0, report
+    assert first["digests"]["masks"] != first["start_digests"]["masks"], "the masks never changed"
+    # fit's loss is the mean over the global batch: the same in both processes, and it fell.
+    assert np.allclose(first["losses"], second["losses"], rtol=1e-5)
+    assert first["last_loss"] < 0.5 * first["first_loss"], first["losses"]
 
 
 # ---------------------------------------------------- argument checks (no TensorFlow run)
@@ -184,3 +234,23 @@ def test_model_digests_of_a_saved_and_loaded_model_are_the_same(tmp_path):
     model.save(tmp_path / "m.keras")
     again = keras.models.load_model(tmp_path / "m.keras")
     assert keras_rigl.model_digests(again) == keras_rigl.model_digests(model)
+
+
+@pytest.mark.parametrize(
+    "backend, argv, message",
+    [
+        ("jax", ["--num-processes", "2", "--process-id", "2", "--coordinator", "localhost:1"], "must be below --num-processes 2"),
+        ("jax", ["--num-processes", "2", "--process-id", "1"], "needs --coordinator HOST:PORT"),
+        ("jax", ["--num-processes", "2", "--process-id", "1", "--coordinator", "localhost"], "needs --coordinator HOST:PORT"),
+        ("tensorflow", ["--coordinator", "localhost:1"], "on TensorFlow every worker reads TF_CONFIG"),
+        ("torch", [], "runs on tensorflow (MultiWorkerMirroredStrategy) or jax"),
+    ],
+)
+def test_cluster_flags_are_checked_before_training(backend, argv, message, capsys, monkeypatch):
+    module = _script_module()
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
