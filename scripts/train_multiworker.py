@@ -55,6 +55,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -353,8 +354,15 @@ def train_jax(args, data, processes=1, process=0):
     step_losses = StepLosses()
     model.fit(data.x_train[local], data.y_train[local].astype("int32"), batch_size=per_process, epochs=1,
               shuffle=False, callbacks=[algo, step_losses], verbose=0)
-    if args.save and process == 0:
-        write_file(args.save, lambda tmp: model.save(tmp))
+    if args.save:
+        # Every process saves (reading the model's state may run computations over
+        # all processes' devices, which process 0 alone would wait for forever);
+        # only process 0 keeps its file.
+        if process == 0:
+            write_file(args.save, lambda tmp: model.save(tmp))
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                model.save(os.path.join(folder, "model.keras"))
     return summary(args, data, model, algo, step_losses.losses, start_digests, processes, process, replicas)
 
 
