@@ -21,6 +21,10 @@ setup(
                  "ai-edge-litert; platform_system=='Linux'", "tf_keras", "tensorflow-model-optimization>=0.8"],
         "examples": ["matplotlib", "mlxtend", "scikit-learn", "ai-edge-litert; platform_system=='Linux'", "tqdm"],
         "tfmot": ["tf_keras", "tensorflow-model-optimization>=0.8"],
+        # Other Keras backends (KERAS_BACKEND=jax / torch). For PyTorch's CPU-only wheel add
+        # --extra-index-url https://download.pytorch.org/whl/cpu; TFLite export still needs TensorFlow.
+        "jax": ["jax>=0.4.30"],
+        "torch": ["torch>=2.1"],
     },
     license="Apache-2.0",
 )

@@ -46,7 +46,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_rigl import _compat, backend_capture, counting, gradient_capture, optimizer_state, schedule, updates, validation
+from keras_rigl import (
+    _compat, backend_capture, counting, gradient_capture, optimizer_state, schedule, updates, validation,
+)
 from keras_rigl.sparsify import masked_layers
 
 GROW_INITS = ("zeros", "random")

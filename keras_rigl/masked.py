@@ -5,9 +5,9 @@ wrapped layer that holds the weight (``Dense._kernel``, ``Conv2D._kernel``,
 ``LSTMCell.recurrent_kernel``...) is swapped for the tensor ``W * M`` and put
 back afterwards. The layer's own code then computes with the effective
 weight, gradients reach ``W`` through the product (so masked entries get a
-zero gradient and stay exactly 0 under every optimizer), and on the
-TensorFlow backend the dense gradient dL/d(W*M) can be captured on the way
-(see ``gradient_capture``).
+zero gradient and stay exactly 0 under every optimizer), and the dense
+gradient dL/d(W*M) can be captured on the way (TensorFlow: ``gradient_capture``;
+JAX and PyTorch: ``backend_capture``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ class MaskedWeight:
     weight: keras.Variable
     mask: keras.Variable
     ref: maskable.WeightRef
-    # GradientCapture: made when a gradient method first needs it (Masked.set_capture_mode /
-    # set_capture_trace, which RigL's and SNFS's attach call); None before, and off TensorFlow.
+    # TensorFlow: a GradientCapture, made when a gradient method first needs it (Masked.set_capture_mode /
+    # set_capture_trace, which RigL's and SNFS's attach call), None before. JAX/PyTorch: a
+    # backend_capture.ProbeCapture, made with the mask (capture_gradients=False: None).
     capture: object = None
 
     @property
@@ -50,10 +51,13 @@ class Masked(keras.layers.Wrapper):
         mask_depthwise: also mask depthwise kernels (DepthwiseConv layers, the
             depthwise part of SeparableConv). Off by default, as in the paper.
         capture_gradients: allow a buffer per masked weight for the dense
-            gradient that RigL and SNFS grow by (TensorFlow backend only). The
-            buffers are made when RigL or SNFS first attaches (or
+            gradient that RigL and SNFS grow by. On TensorFlow the buffers
+            are made when RigL or SNFS first attaches (or
             :meth:`set_capture_mode` / :meth:`set_capture_trace` asks), so a
-            model trained without them holds none.
+            model trained without them holds none. On JAX and PyTorch each
+            masked weight gets a gradient probe when the layer is built
+            (:mod:`keras_rigl.backend_capture`); pass False for a model that
+            never grows by the gradient.
 
     The masks start all ones (dense); :func:`keras_rigl.sparsify` or
     :func:`keras_rigl.initialize_masks` set them. Masks are non-trainable

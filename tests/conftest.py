@@ -15,6 +15,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running check, run with `pytest -m slow`")
 
 
+def pytest_ignore_collect(collection_path, config):
+    """On JAX or PyTorch, test files with no ``any_backend`` test are not even imported (they may
+    import TensorFlow, which a JAX or PyTorch environment need not have)."""
+    if keras.backend.backend() == "tensorflow" or collection_path.suffix != ".py":
+        return None
+    if not collection_path.name.startswith("test_"):
+        return None
+    return True if "mark.any_backend" not in collection_path.read_text(encoding="utf-8") else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """On JAX or PyTorch run only the tests marked ``any_backend`` (the rest use TensorFlow itself)."""
+    if keras.backend.backend() == "tensorflow":
+        return
+    kept = [item for item in items if item.get_closest_marker("any_backend")]
+    deselected = [item for item in items if not item.get_closest_marker("any_backend")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     keras.backend.clear_session()

@@ -7,6 +7,8 @@ import pytest
 import keras_rigl
 from keras_rigl import counting
 
+pytestmark = pytest.mark.any_backend  # no TensorFlow: also run on JAX and PyTorch
+
 
 def two_layer(sparse=True):
     """Dense(8 -> 6) then Dense(6 -> 4); masks set by hand."""

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from keras_rigl import distributions
 
+pytestmark = pytest.mark.any_backend  # no TensorFlow: also run on JAX and PyTorch
+
 # conv (3,3,1,4): 36 params, ERK raw = 11/36, ER raw = (1+4)/(1*4)
 # dense (144,10): 1440 params, ERK raw = ER raw = 154/1440
 SHAPES = {"conv/kernel": (3, 3, 1, 4), "dense/kernel": (144, 10)}

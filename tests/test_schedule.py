@@ -6,6 +6,8 @@ import pytest
 
 from keras_rigl import schedule
 
+pytestmark = pytest.mark.any_backend  # no TensorFlow: also run on JAX and PyTorch
+
 
 def test_update_steps_every_update_freq_up_to_and_including_end():
     s = schedule.UpdateSchedule(update_freq=100, drop_fraction=0.3, end_step=750)

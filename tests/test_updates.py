@@ -8,6 +8,8 @@ from keras import ops
 
 from keras_rigl import updates
 
+pytestmark = pytest.mark.any_backend  # no TensorFlow: also run on JAX and PyTorch
+
 
 def _np(x):
     return ops.convert_to_numpy(x)

@@ -287,6 +287,10 @@ def plot_curves(steps, epochs_csv, path, title=""):
 def _quiet_tf():
     import logging
 
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return  # JAX/PyTorch runs need no TensorFlow installed
     import tensorflow as tf
 
     tf.get_logger().setLevel(logging.ERROR)  # retracing notes when many models are trained in one process
@@ -395,7 +399,9 @@ def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage, run
         "train_flops_dense": float(flops["train_flops_dense"]),
         "inference_flops": flops["inference_flops"],
         "params": keras_rigl.count_nonzero_params(model),
-        "params_total": int(sum(math.prod(w.shape) for w in model.trainable_weights)),
+        # not the gradient probes of JAX/PyTorch (keras_rigl.backend_capture): no parameters
+        "params_total": int(sum(math.prod(w.shape) for w in model.trainable_weights
+                                if not keras_rigl.backend_capture.is_probe(w))),
         "wall_time_s": train_time,
         "tflite_bytes": None,
         "mask_updates": mask_updates,
@@ -429,8 +435,16 @@ def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage, run
 def _export_and_compare(cfg, model, data, result, stage):
     import tempfile
 
+    import keras
+
     import keras_rigl
 
+    if keras.backend.backend() != "tensorflow":
+        # TFLite conversion traces the model with TensorFlow: export the saved model.keras there.
+        where = os.path.join(cfg.out, cfg.run_name or cfg.default_run_name(), "model.keras") if stage else "model.keras"
+        print(f"note: no .tflite on the {keras.backend.backend()} backend; export under TensorFlow: "
+              f"python scripts/export.py {where}", file=sys.stderr)
+        return
     with tempfile.TemporaryDirectory(prefix="rigl_harness_") as scratch:
         tfl_path = os.path.join(stage or scratch, "model.tflite")
         try:
