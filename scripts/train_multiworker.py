@@ -212,7 +212,7 @@ def summary(args, data, model, algo, losses, start_digests, workers, worker, rep
 
     if not np.isfinite(losses[-1]):
         raise SystemExit(f"error: the loss became {losses[-1]}; lower --lr.")
-    logits = model(data.x_test, training=False)  # each worker alone, on its own copy
+    logits = model(data.x_test, training=False)  # the whole test split in every worker
     accuracy = float(np.mean(np.argmax(keras.ops.convert_to_numpy(logits), -1) == data.y_test))
     updates = algo.updates
     share = max(1, len(losses) // 5)
