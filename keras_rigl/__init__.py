@@ -4,6 +4,7 @@ from keras_rigl.callbacks import SET, SNFS, RigL, SparseTraining, Static
 from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
+from keras_rigl.digest import model_digests
 from keras_rigl.counting import count_active, count_nonzero_params, model_flops, training_flops_summary
 from keras_rigl.report import sparsity_report
 from keras_rigl.schedule import DecayedFraction, DropFractionSchedule
@@ -54,4 +55,5 @@ __all__ = [
     "count_nonzero_params",
     "masks_from_weights",
     "layer_densities",
+    "model_digests",
 ]
