@@ -6,9 +6,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
+import gc  # noqa: E402
+
+import keras  # noqa: E402  (imports TensorFlow: ~385,000 objects the garbage collector would scan)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Every test starts with keras.backend.clear_session(), which runs a full gc.collect(): ~0.22 s of CPU
+# scanning the objects of the imported modules, ~80 s over the suite. Those live as long as the process,
+# so they move to the permanent generation once; each collection then scans only what tests created
+# since (~0.04 s), and still frees it.
+gc.collect()
+gc.freeze()
 
 
 def pytest_configure(config):

@@ -318,8 +318,11 @@ def test_overwrite_replaces_the_whole_run(tmp_path):
 
 def test_sigkill_during_an_overwrite_leaves_the_previous_run_intact(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
-    args = [sys.executable, TRAIN] + FAST + ["--out", str(tmp_path), "--run-name", "r", "--quiet"]
-    subprocess.run(args, env=env, check=True, capture_output=True, timeout=600)
+    argv = FAST + ["--out", str(tmp_path), "--run-name", "r", "--quiet"]
+    args = [sys.executable, TRAIN] + argv
+    # Only the run that is killed needs a process of its own; the runs before and after it are
+    # train.main in this process (each subprocess would import TensorFlow again, ~5-10 s).
+    train.main(argv)
     before = _snapshot(tmp_path / "r")
     start = time.time()
     proc = subprocess.Popen(args + ["--seed", "1", "--overwrite"], env=env, stdout=subprocess.DEVNULL,
@@ -345,7 +348,7 @@ def test_sigkill_during_an_overwrite_leaves_the_previous_run_intact(tmp_path):
     assert killed, "the run finished before anything was seen being written"
     assert _snapshot(tmp_path / "r") == before
     # the next run cleans up what the killed one left and completes
-    subprocess.run(args + ["--overwrite"], env=env, check=True, capture_output=True, timeout=600)
+    train.main(argv + ["--overwrite"])
     assert sorted(os.listdir(tmp_path)) == ["r"]
 
 
