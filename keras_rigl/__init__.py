@@ -1,6 +1,7 @@
 """keras_rigl: sparse neural networks trained from scratch in Keras 3 (RigL, SET, SNFS)."""
 
 from keras_rigl.callbacks import SET, SNFS, RigL, SparseTraining, Static
+from keras_rigl.condense import CondenseReport, condense
 from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
@@ -54,4 +55,6 @@ __all__ = [
     "count_nonzero_params",
     "masks_from_weights",
     "layer_densities",
+    "condense",
+    "CondenseReport",
 ]
