@@ -8,6 +8,8 @@ from keras_rigl.masked import Masked
 from keras_rigl.counting import count_active, count_nonzero_params, model_flops, training_flops_summary
 from keras_rigl.report import sparsity_report
 from keras_rigl.schedule import DecayedFraction, DropFractionSchedule
+from keras_rigl import structure
+from keras_rigl.structure import register_structure
 from keras_rigl.sparsify import (
     initialize_masks,
     masked_layers,
@@ -57,4 +59,6 @@ __all__ = [
     "layer_densities",
     "condense",
     "CondenseReport",
+    "structure",
+    "register_structure",
 ]
