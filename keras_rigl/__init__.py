@@ -2,6 +2,7 @@
 
 from keras_rigl.callbacks import SET, SNFS, RigL, SparseTraining, Static
 from keras_rigl.condense import CondenseReport, condense
+from keras_rigl.fan_in import FanIn
 from keras_rigl.distributions import erk_densities, layer_densities
 from keras_rigl.maskable import MaskableLayer, register_maskable
 from keras_rigl.masked import Masked
@@ -59,6 +60,7 @@ __all__ = [
     "layer_densities",
     "condense",
     "CondenseReport",
+    "FanIn",
     "structure",
     "register_structure",
 ]

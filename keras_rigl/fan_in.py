@@ -49,9 +49,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
+import keras
 import numpy as np
 
+from keras_rigl import structure as structures
 from keras_rigl import updates, validation
 
 DEFAULT_ABLATION_THRESHOLD = 0.3  # SRigL's gamma_sal (configs/config.yaml: min_salient_weights_per_neuron)
@@ -116,7 +119,7 @@ def holds(mask):
     counts = unit_counts(mask)
     alive = int(np.count_nonzero(counts))
     if alive == 0:
-        return False
+        return True  # an empty weight (a count of 0): nothing to keep constant
     fan_in = budget(mask.shape, counts.sum()) // alive
     return bool(np.all((counts == 0) | (counts == fan_in)) and fan_in <= dense_fan_in(mask.shape))
 
@@ -126,20 +129,27 @@ def ablated_units(mask):
     return unit_counts(mask) == 0
 
 
-def initial_mask(shape, n_active, seed=0, dtype="float32"):
-    """A random mask of ``fan_in_count(shape, n_active)`` entries, the same number in every unit.
+def initial_mask(shape, n_active, rng, scores=None):
+    """A bool mask with ``n_active // units`` active inputs in every unit (``n_active`` a multiple of the units).
 
-    The draw is the hash of :func:`keras_rigl.updates.random_scores`: a pure
-    function of ``seed``.
+    ``rng``: a NumPy Generator (uniformly random inputs per unit); ``scores``
+    (optional, same shape): the largest |score| of every unit first, ties at
+    random (``mask_init="magnitude"``).
     """
     shape = check_shape(shape)
     units = units_of(shape)
-    per_unit = fan_in_count(shape, n_active) // units
-    scores = updates.random_scores(shape, validation.check_seed(seed) or 0)
-    hashes = updates.element_hashes(int(np.prod(shape)), updates.stream_key(seed or 0, updates.STREAM_GROW))
-    keys = updates.order_keys(scores.reshape(-1), hashes).reshape(-1, units)
-    chosen = _top_per_unit(keys, np.full(units, per_unit))
-    return chosen.reshape(shape).astype(dtype)
+    n_active = int(n_active)
+    if n_active % units or not 0 <= n_active <= int(np.prod(shape)):
+        raise ValueError(
+            f"The 'fan_in' structure needs an active count that is a multiple of the {units} units and at most "
+            f"{int(np.prod(shape))} (shape {shape}), got {n_active}; use fan_in_count(shape, n) to round one."
+        )
+    tie = rng.random(int(np.prod(shape))).reshape(-1, units)
+    primary = np.zeros_like(tie) if scores is None else np.abs(np.asarray(scores, np.float64)).reshape(-1, units)
+    order = np.lexsort((tie, primary), axis=0)[::-1]  # per unit: largest score first, ties by the draw
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(order.shape[0])[:, None], axis=0)
+    return (ranks < n_active // units).reshape(shape)
 
 
 def _top_per_unit(keys, counts):
@@ -248,3 +258,76 @@ def drop_and_grow(
         ablated=ablated,
         fan_in=int(fan_in),
     )
+
+
+# ------------------------------------------------------------ the structure
+def _parse(spec):
+    found = re.fullmatch(r"fan_in(?:\((\d*\.?\d+)\))?", spec)
+    if found is None:
+        return None
+    return {} if found.group(1) is None else {"ablation_threshold": float(found.group(1))}
+
+
+@keras.saving.register_keras_serializable(package="keras_rigl")
+class FanIn(structures.Structure):
+    """``"fan_in"``: every output unit has the same number of active inputs, with SRigL's neuron ablation.
+
+    Args:
+        ablation_threshold: SRigL's gamma_sal, in [0, 1]: a unit with fewer
+            salient weights than this fraction of the layer's constant fan-in
+            is ablated at an update (its inputs masked off, its budget given to
+            the other units); 0 turns ablation off. Default 0.3, SRigL's.
+            :func:`keras_rigl.sparsify` turns it off in layers whose units are
+            model outputs (SRigL never ablates its last layer).
+
+    ``"fan_in"`` is this with the default; ``"fan_in(0.5)"`` sets the threshold.
+    See the module docstring for the counting rule: the layer's count is a
+    multiple of its units, and after an ablation the living units share the
+    budget (``alive * (B // alive)`` active).
+    """
+
+    name = "fan_in"
+
+    def __init__(self, ablation_threshold=DEFAULT_ABLATION_THRESHOLD):
+        self.ablation_threshold = validation.check_number(
+            "ablation_threshold", ablation_threshold, 0.0, 1.0,
+            hint=" (SRigL's gamma_sal: a fraction of the fan-in; 0 turns neuron ablation off)",
+        )
+
+    @property
+    def spec(self):
+        if self.ablation_threshold == DEFAULT_ABLATION_THRESHOLD:
+            return "fan_in"
+        return f"fan_in({self.ablation_threshold:g})"
+
+    def get_config(self):
+        return {"ablation_threshold": self.ablation_threshold}
+
+    def at_model_output(self):
+        return FanIn(ablation_threshold=0.0)
+
+    def check_shape(self, shape, path="weight"):
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 2:
+            raise ValueError(
+                f"{path} has shape {shape}: structure 'fan_in' needs a kernel with input and output axes; "
+                "leave the layer dense with sparsify(..., exclude=[...])."
+            )
+
+    def unit(self, shape):
+        return units_of(shape)
+
+    def initial_mask(self, shape, n_active, rng, scores=None):
+        self.check_shape(shape)
+        return initial_mask(shape, self.check_count(shape, n_active), rng, scores)
+
+    def holds(self, mask):
+        return holds(mask)
+
+    def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
+                      drop_scores=None):
+        return drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=seed, reinit_regrown=reinit_regrown,
+                             drop_scores=drop_scores, ablation_threshold=self.ablation_threshold)
+
+
+structures.register_structure(_parse, FanIn)

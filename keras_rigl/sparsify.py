@@ -189,10 +189,48 @@ def sparsify(
             f"Model {model.name!r} has no maskable layer (Dense, Conv, Embedding, RNN, ...) left "
             "after `exclude`; nothing to make sparse."
         )
+    for layer in _masked_at_model_output(clone):  # e.g. no neuron ablation of the logits ("fan_in")
+        object.__setattr__(layer, "_structure", layer.structure.at_model_output())
     initialize_masks(
         clone, sparsity, distribution=distribution, per_layer=per_layer, mask_init=mask_init, seed=seed
     )
     return clone
+
+
+def _masked_at_model_output(model):
+    """Top-level Masked layers whose output reaches a model output through single-input layers only."""
+    graph = _compat.graph_model(model)
+    outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
+    readers = {}
+    for layer in graph.layers:
+        try:
+            inputs = keras.tree.flatten(layer.input)
+        except (ValueError, AttributeError):  # shared layer: not followed
+            continue
+        for tensor in inputs:
+            readers.setdefault(id(tensor), []).append((layer, len(inputs)))
+    found = []
+    for layer in graph.layers:
+        if not isinstance(layer, Masked):
+            continue
+        try:
+            pending = [layer.output]
+        except (ValueError, AttributeError):
+            continue
+        seen = set()
+        while pending:
+            tensor = pending.pop()
+            if id(tensor) in outputs:
+                found.append(layer)
+                break
+            for reader, n_inputs in readers.get(id(tensor), []):
+                if n_inputs == 1 and not isinstance(reader, Masked) and id(reader) not in seen:
+                    seen.add(id(reader))
+                    try:
+                        pending.extend(keras.tree.flatten(reader.output))
+                    except (ValueError, AttributeError):
+                        pass
+    return found
 
 
 def _copy_weights(clone, originals):

@@ -112,6 +112,13 @@ class Structure:
         """The largest density a weight of ``shape`` can have under this structure."""
         return 1.0
 
+    def at_model_output(self):
+        """The structure :func:`keras_rigl.sparsify` gives a layer whose output units are model outputs.
+
+        The same structure by default; ``"fan_in"`` turns neuron ablation off there.
+        """
+        return self
+
     def max_active(self, shape):
         """The largest active count (``max_density * size``, a multiple of :meth:`unit`)."""
         unit = self.unit(shape)

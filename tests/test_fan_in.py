@@ -36,19 +36,29 @@ def test_check_shape_refuses_a_weight_without_input_axes():
 
 @pytest.mark.parametrize("shape,n_active", [((6, 4), 9), ((3, 3, 2, 5), 40), ((20, 3), 1)])
 def test_initial_mask_gives_every_unit_the_same_fan_in(shape, n_active):
-    mask = fan_in.initial_mask(shape, n_active, seed=3)
+    count = fan_in.fan_in_count(shape, n_active)
+    mask = fan_in.initial_mask(shape, count, np.random.default_rng(3))
     units = shape[-1]
-    per_unit = fan_in.fan_in_count(shape, n_active) // units
     assert mask.shape == shape
-    np.testing.assert_array_equal(fan_in.unit_counts(mask), np.full(units, per_unit))
-    np.testing.assert_array_equal(mask, fan_in.initial_mask(shape, n_active, seed=3))
+    np.testing.assert_array_equal(fan_in.unit_counts(mask), np.full(units, count // units))
+    np.testing.assert_array_equal(mask, fan_in.initial_mask(shape, count, np.random.default_rng(3)))
     assert fan_in.holds(mask)
 
 
-def test_initial_mask_depends_on_the_seed():
-    a = fan_in.initial_mask((50, 4), 40, seed=0)
-    b = fan_in.initial_mask((50, 4), 40, seed=1)
+def test_initial_mask_depends_on_the_rng_and_keeps_the_largest_scores():
+    a = fan_in.initial_mask((50, 4), 40, np.random.default_rng(0))
+    b = fan_in.initial_mask((50, 4), 40, np.random.default_rng(1))
     assert not np.array_equal(a, b)
+    scores = np.zeros((6, 2))
+    scores[[1, 4], 0] = [-3, 2]  # |score|: the largest two of unit 0 are rows 1 and 4
+    scores[[0, 5], 1] = [1, 5]
+    mask = fan_in.initial_mask((6, 2), 4, np.random.default_rng(0), scores=scores)
+    assert _columns(mask) == [{1, 4}, {0, 5}]
+
+
+def test_initial_mask_refuses_a_count_that_is_not_a_multiple_of_the_units():
+    with pytest.raises(ValueError, match="multiple of the 4 units"):
+        fan_in.initial_mask((5, 4), 7, np.random.default_rng(0))
 
 
 @given(units=st.integers(1, 9), full=st.integers(1, 9), per_unit=st.integers(1, 9), alive=st.integers(1, 9))
@@ -141,8 +151,8 @@ def test_a_mask_without_constant_fan_in_is_refused():
 def test_every_update_keeps_constant_fan_in_and_the_budget(shape, density, fractions, gamma, seed, reinit):
     rng = np.random.default_rng(seed)
     size = int(np.prod(shape))
-    mask = fan_in.initial_mask(shape, int(density * size), seed=seed)
     budget = fan_in.fan_in_count(shape, int(density * size))
+    mask = fan_in.initial_mask(shape, budget, np.random.default_rng(seed)).astype("float32")
     assert int(mask.sum()) == budget
     for step, fraction in enumerate(fractions):
         weight = (rng.normal(size=shape) * mask).astype("float32")
