@@ -218,9 +218,16 @@ def _check_positive(what, value, example):
 
 
 def _reduce(scores, n_rows, n_blocks, k, infinity):
-    """Summed score of every block, flat (row-major over (row, block)): float32, finite."""
-    entries = updates.sanitize_scores(to_rows(scores), infinity).astype(np.float64)
-    sums = entries.reshape(n_rows, n_blocks, k).sum(axis=-1)
+    """Summed score of every block, flat (row-major over (row, block)): float32, finite.
+
+    Each entry is sanitized as the unstructured update does (NaN -> 0, inf per
+    ``infinity``), then added in float64 strictly left to right, so a device
+    implementation doing the same additions gets the same bits (a tree sum may not).
+    """
+    entries = updates.sanitize_scores(to_rows(scores), infinity).reshape(n_rows, n_blocks, k)
+    sums = entries[..., 0].astype(np.float64)
+    for j in range(1, k):
+        sums = sums + entries[..., j]
     return np.clip(sums, -updates.FLOAT32_MAX, updates.FLOAT32_MAX).astype(np.float32).reshape(-1)
 
 
