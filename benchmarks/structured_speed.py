@@ -28,8 +28,10 @@ consecutive inputs of one output unit, float: TFLite's float sparse FC kernel),
 ``1x16-dynamic`` (1x16 blocks, dynamic-range int8 weights: the sparse hybrid FC
 kernel, which XNNPACK misreads, so its "XNNPACK on" row runs without it),
 ``2:4`` (2 of every 4 consecutive inputs: fixed 50 % sparsity, no TFLite
-kernel), ``fan_in`` (same number of active inputs per output unit; the
-condensed-model column needs keras_rigl.condense: "n/a" until it exists).
+kernel), ``fan_in`` (same number of active inputs per output unit; the "condensed"
+column times Keras ``predict_on_batch`` of ``keras_rigl.condense(sparse)``
+against the dense model, with ``--ablate`` of the hidden units off: without
+training no unit is ablated and condense has nothing to remove).
 
 Convolutions get masks of the same structure along the input-channel axis;
 TFLite has no sparse convolution kernel (on x86 with AVX XNNPACK's sparse path
@@ -118,8 +120,14 @@ def structure_mask(structure, shape, density, rng):
     return block_mask(shape, _EXPORT[structure][0], density, rng)
 
 
-def sparse_model(model, structure, sparsity, seed=0):
-    """``model`` wrapped in Masked layers with masks of ``structure`` at ERK densities (2:4: its own 50 %)."""
+def sparse_model(model, structure, sparsity, seed=0, ablate=0.0):
+    """``model`` wrapped in Masked layers with masks of ``structure`` at ERK densities (2:4: its own 50 %).
+
+    ``ablate`` (fan_in only): that fraction of the output units of every masked
+    layer but the last loses all its inputs, as SRigL's neuron ablation leaves
+    them (training would move their budget to the other units; here they are
+    simply off), so that ``condense`` has units to remove.
+    """
     import keras_rigl
 
     sparse = keras_rigl.sparsify(model, 0.0)  # Masked wrappers, all-ones masks, the dense weights kept
@@ -135,8 +143,10 @@ def sparse_model(model, structure, sparsity, seed=0):
         for mw in layer.masked_weights:
             shape = tuple(mw.mask.shape)
             density = densities[f"{layer.name}/{mw.name}"]
-            masks[mw.name] = np.ones(shape, bool) if density >= 1.0 else structure_mask(structure, shape, density,
-                                                                                         rng)
+            mask = np.ones(shape, bool) if density >= 1.0 else structure_mask(structure, shape, density, rng)
+            if structure == "fan_in" and ablate > 0 and layer is not layers[-1] and len(shape) >= 2:
+                mask[..., rng.permutation(shape[-1])[:int(ablate * shape[-1])]] = False
+            masks[mw.name] = mask
         layer.set_masks(masks)
     return sparse
 
@@ -200,7 +210,7 @@ def run_case(model_name, structure, sparsity, args, workdir, log=print):
 
     block, quantize = _EXPORT[structure]
     model = build_model(model_name, args.seed)
-    sparse = sparse_model(model, structure, sparsity, args.seed)
+    sparse = sparse_model(model, structure, sparsity, args.seed, ablate=args.ablate)
     x = input_batch(model, args.parity_samples, args.seed)
     tag = f"{model_name}_{structure.replace(':', 'of')}_{sparsity:g}"
     paths, reports = {}, {}
@@ -219,6 +229,7 @@ def run_case(model_name, structure, sparsity, args, workdir, log=print):
         warnings.simplefilter("ignore", RuntimeWarning)
         for kind, path in paths.items():
             parity[kind] = keras_rigl.tflite_parity(sparse, path, x)
+    condensed = condensed_vs_dense(model, sparse, structure, x[:1], args)
     timed = {}
     for xnnpack in (True, False):
         timed[xnnpack] = time_pair(paths, x[:1], xnnpack, args.repeats, args.invokes)
@@ -240,13 +251,36 @@ def run_case(model_name, structure, sparsity, args, workdir, log=print):
             "sparse_fc_layers": f"{len(on_kernel)}/{len(layers)}",
             "agreement": parity["sparse"]["agreement"], "max_abs_diff": parity["sparse"]["max_abs_diff"],
             "dense_max_abs_diff": parity["dense"]["max_abs_diff"],
-            "condensed_vs_dense": "n/a: condense not available",
+            "condensed_vs_dense": condensed,
             "note": (runners["sparse"].delegate_error or "")[:80],
         }
         rows.append(row)
     if args.verbose:
         log(layers.to_string(index=False))
     return rows
+
+
+def condensed_vs_dense(model, sparse, structure, x1, args):
+    """"ratio (params after/before)" of Keras predict_on_batch time, condensed vs dense; fan_in only."""
+    if structure != "fan_in":
+        return "n/a: fan_in only"
+    if not _condense_available():
+        return "n/a: condense not available"
+    import keras_rigl
+
+    small = keras_rigl.condense(sparse)
+    runs = {"dense": lambda: model.predict_on_batch(x1), "condensed": lambda: small.predict_on_batch(x1)}
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for r in range(args.repeats):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(max(1, args.invokes // 10)):
+                runs[name]()
+            times[name].append(time.perf_counter() - t0)
+    ratio = statistics.median(times["condensed"]) / statistics.median(times["dense"])
+    return f"{ratio:.2f} (params {small.count_params():,}/{model.count_params():,})"
 
 
 def _condense_available():
@@ -300,6 +334,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats, >= 7 (default 15; --quick 7)")
     p.add_argument("--invokes", type=int, default=None, help="invokes per repeat (default 200; --quick 5)")
     p.add_argument("--quick", action="store_true", help="LeNet, 1x4 and 1x16-int8, 90 %%, short timing (a smoke run)")
+    p.add_argument("--ablate", type=float, default=0.0,
+                   help="fan_in: fraction of hidden units switched off (as neuron ablation leaves them), so "
+                        "condense has units to remove (default 0)")
     p.add_argument("--parity-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where the .tflite files go (default: a temporary directory)")
@@ -325,6 +362,8 @@ def parse_args(argv=None):
         p.error(f"unknown --structures {bad}; choose from {', '.join(STRUCTURES)}")
     if any(not 0.0 < s < 1.0 for s in args.sparsities):
         p.error("--sparsities must be in (0, 1), e.g. 0.8 0.9 0.95")
+    if not 0.0 <= args.ablate < 1.0:
+        p.error("--ablate must be in [0, 1)")
     if args.repeats < 7:
         p.error("--repeats must be >= 7 (min and median need that many interleaved repeats)")
     if args.invokes < 1 or args.parity_samples < 1:

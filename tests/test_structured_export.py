@@ -231,7 +231,7 @@ def test_benchmark_quick_run(tmp_path, capsys):
         assert r["agreement"] == 1.0 and r["max_abs_diff"] < 1e-5
         assert r["sparse_fc_layers"].split("/")[0] != "0"
         assert r["sparse_median_ms"] > 0 and r["dense_median_ms"] > 0
-        assert r["condensed_vs_dense"].startswith("n/a")
+        assert r["condensed_vs_dense"] == "n/a: fan_in only"
     assert (tmp_path / "r.csv").exists()
     assert "ratio med" in capsys.readouterr().out
 
@@ -263,3 +263,16 @@ def test_int8_1x16_with_inputs_not_a_multiple_of_16_keeps_every_input(quantize, 
     # the dense file of the same weights is the reference for the quantization error
     dense_err = np.max(np.abs(dense_out - keras_out))
     assert np.max(np.abs(sparse_out - keras_out)) <= 1.5 * dense_err + 1e-6
+
+
+def test_benchmark_condensed_column_times_a_smaller_model():
+    if not hasattr(keras_rigl, "condense"):
+        pytest.skip("keras_rigl.condense (fanin branch) not merged")
+    bench = _load_benchmark()
+    args = bench.parse_args(["--quick", "--invokes", "10"])
+    model = bench.build_model("lenet")
+    sparse = bench.sparse_model(model, "fan_in", 0.9, ablate=0.5)
+    cell = bench.condensed_vs_dense(model, sparse, "fan_in", bench.input_batch(model, 1), args)
+    after, before = cell.split("params ")[1].rstrip(")").split("/")
+    assert int(after.replace(",", "")) < 0.6 * int(before.replace(",", ""))
+    assert bench.condensed_vs_dense(model, sparse, "1x4", None, args) == "n/a: fan_in only"
