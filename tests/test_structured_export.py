@@ -151,6 +151,28 @@ def test_model_without_masks_exports_as_before(tmp_path):
     assert (report["format"] == "dense").all()
 
 
+def test_sparsify_structure_masks_reach_the_sparse_fc_kernels(tmp_path):
+    """keras_rigl.sparsify(..., structure="1x4" / "1x16") masks -> block-sparse FC weights in the file."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((64,))
+    h = keras.layers.Dense(48, activation="relu", name="fc1")(inp)
+    model = keras.Model(inp, keras.layers.Dense(16, name="fc2")(h))
+    x = _inputs(model, 32)
+    for structure, quantize, kernel in (("1x4", None, "sparse FC 1x4 (float)"),
+                                        ("1x16", "int8", "sparse FC 1x16 (int8)")):
+        sparse = keras_rigl.sparsify(model, 0.9, structure=structure, seed=0)
+        path = tmp_path / f"{structure}.tflite"
+        report = export_tflite(sparse, path, quantize=quantize, representative_data=x if quantize else None)
+        ops = fully_connected_ops(path)
+        blocked = ops[ops["block"] != ""]
+        assert len(blocked) >= 1 and set(blocked["kernel"]) == {kernel}
+        assert set(blocked["block_size"]) == {int(structure[2:])}
+        rows = [row for row in report.attrs["block_sparse"] if row["file_block"]]
+        assert rows and all(row["mask_block"] % int(structure[2:]) == 0 for row in rows)
+        parity = keras_rigl.tflite_parity(sparse, path, x)
+        assert parity["agreement"] >= (1.0 if quantize is None else 0.9)
+
+
 # ------------------------------------------------------------- int8 1x16 ---
 def test_int8_1x16_masks_export_block_sparse_fc(tmp_path):
     sparse = masked_mlp(16, sizes=(64, 48, 32))
