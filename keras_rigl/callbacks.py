@@ -40,6 +40,7 @@ for every ``fit``. Either way, a ``fit`` in which no update step falls warns
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 
 import keras
@@ -50,6 +51,9 @@ from keras_rigl import (
     _compat, backend_capture, counting, gradient_capture, optimizer_state, schedule, updates, validation,
 )
 from keras_rigl.sparsify import masked_layers
+from keras_rigl.structure import Unstructured
+
+logger = logging.getLogger("keras_rigl")
 
 GROW_INITS = ("zeros", "random")
 UPDATE_COLUMNS = ["step", "layer", "weight", "drop_fraction", "n_active", "n_dropped", "n_moved", "sparsity"]
@@ -125,6 +129,11 @@ class SparseTraining(keras.callbacks.Callback):
             ``True``: always compiled (an error says why it cannot be).
             ``False``: the NumPy reference (:func:`keras_rigl.updates.drop_and_grow`).
             Both select the same masks for the same seed.
+            Weights with a structure (``sparsify(..., structure="1x4")``) are
+            updated in NumPy by their structure's ``drop_and_grow``: a model
+            with any structured layer runs its whole update in NumPy (logged
+            once per callback at INFO on the ``"keras_rigl"`` logger;
+            ``compiled=True`` is refused).
     """
 
     #: which gradient the grow score needs: off, this step's, or its EMA
@@ -170,6 +179,7 @@ class SparseTraining(keras.callbacks.Callback):
         self.compiled = None if compiled is None else validation.check_bool("compiled", compiled)
         self._compiled_update = None
         self._compiled_key = None
+        self._structure_logged = False
         self._plain_function = None
         self._updating_model = None
         self.schedule = None
@@ -304,7 +314,7 @@ class SparseTraining(keras.callbacks.Callback):
         (update rows, ITOP, TensorBoard). Returns the new rows.
         """
         fraction = self.drop_fraction_at(step) if self.schedule is not None else self._float_fraction()
-        on_device = self._compiled_grow_by() is not None
+        on_device = self._runs_compiled(masked_layers(model)) is not None
         self._updating_model = model
         items = []
         index = 0
@@ -373,12 +383,15 @@ class SparseTraining(keras.callbacks.Callback):
         ``compiled``), the items carry no scores (the device makes them),
         include dense and empty weights, and the result of those is None.
         """
-        if self._compiled_grow_by() is not None:
+        if self._runs_compiled([item.layer for item in items]) is not None and all(
+            item.grow_scores is None for item in items
+        ):
             return self._drop_and_grow_all_compiled(items, fraction, optimizer)
         results = []
         for item in items:
             mw = item.masked_weight
-            result = updates.drop_and_grow(
+            # The layer's structure ranks and keeps its invariant (unstructured: updates.drop_and_grow).
+            result = item.layer.structure.drop_and_grow(
                 mw.weight,
                 mw.mask,
                 item.grow_scores,
@@ -392,6 +405,26 @@ class SparseTraining(keras.callbacks.Callback):
                 optimizer_state.reset_slots(optimizer, mw.weight, result.grown | result.removed)
             results.append(result)
         return results
+
+    def _runs_compiled(self, layers):
+        """:meth:`_compiled_grow_by`, and None when a layer has a structure (those update in NumPy)."""
+        grow_by = self._compiled_grow_by()
+        if grow_by is None:
+            return None
+        structured = [f"{layer.name} ({layer.structure.spec})" for layer in layers
+                      if not isinstance(layer.structure, Unstructured)]
+        if not structured:
+            return grow_by
+        if self.compiled:
+            raise ValueError(
+                f"{type(self).__name__}(compiled=True) cannot run compiled: structured layers {structured[:3]} "
+                "update in NumPy. Pass compiled=None (compiled when possible) or False."
+            )
+        if not self._structure_logged:
+            logger.info("%s: structured layers %s: the mask update runs in NumPy (structure.drop_and_grow).",
+                        type(self).__name__, structured[:3])
+            self._structure_logged = True
+        return None
 
     def _compiled_grow_by(self):
         """``"gradient"``/``"random"`` when this update runs compiled, else None (NumPy)."""

@@ -20,6 +20,16 @@ distribution: with uniform, the first weight stays dense (unless fixed) and
 the remaining ones share what is left equally. What cannot be made up (the
 others would need a density above 1 or at most 0, or ``per_layer`` fixes
 every weight at another total) is refused with the numbers.
+
+Structured weights (:mod:`keras_rigl.structure`) add two things. A cap
+(``max_densities``, N/M for "N:M"): ER/ERK treat it as they treat 1, i.e. a
+weight whose density would exceed its cap is fixed at the cap and the rest
+is solved again (the total stays exact); uniform and ``per_layer`` refuse a
+density above the cap. And a unit (``units`` of :func:`active_counts`, k for
+"1xk"): each count is a whole number of units, rounded as whole units by the
+same largest-remainder rule, and the total is the achievable count nearest
+to the target (for one structure everywhere: the target rounded to whole
+blocks).
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ def raw_density(shape, distribution):
     raise ValueError(f"raw_density is defined for 'er' and 'erk', not {distribution!r}.")
 
 
-def layer_densities(shapes, sparsity, distribution="erk", per_layer=None):
+def layer_densities(shapes, sparsity, distribution="erk", per_layer=None, max_densities=None):
     """Density (fraction kept) of every weight in ``shapes``.
 
     Args:
@@ -54,6 +64,8 @@ def layer_densities(shapes, sparsity, distribution="erk", per_layer=None):
         per_layer: ``{name: sparsity}`` fixed for those weights; the others
             make up the difference (see the module docstring), or a
             ValueError says why they cannot.
+        max_densities: ``{name: cap}`` for structured weights (see the
+            module docstring); missing names are capped at 1.
 
     Returns:
         ``{name: density}`` in the order of ``shapes``.
@@ -65,10 +77,27 @@ def layer_densities(shapes, sparsity, distribution="erk", per_layer=None):
     if unknown:
         raise ValueError(f"per_layer names {sorted(unknown)} are not among the masked weights {list(shapes)}.")
     fixed = {name: 1.0 - float(s) for name, s in per_layer.items()}
+    caps = {name: float((max_densities or {}).get(name, 1.0)) for name in shapes}
+    _check_caps(fixed, caps, "per_layer fixes")
     if distribution == "uniform":
-        return _uniform_densities(shapes, sparsity, fixed)
+        densities = _uniform_densities(shapes, sparsity, fixed)
+        first = next(iter(shapes))
+        if first not in fixed and per_layer == {} and densities[first] > caps[first]:
+            densities[first] = caps[first]  # uniform's dense first weight: as dense as its structure allows
+        _check_caps({n: d for n, d in densities.items() if n not in fixed}, caps, "uniform gives")
+        return densities
     _check_fully_fixed(shapes, sparsity, fixed)
-    return erk_densities(shapes, sparsity, fixed, kernel=(distribution == "erk"))
+    return erk_densities(shapes, sparsity, fixed, kernel=(distribution == "erk"), max_densities=caps)
+
+
+def _check_caps(densities, caps, what):
+    over = {n: d for n, d in densities.items() if d > caps[n] + 1e-12}
+    if over:
+        name = next(iter(over))
+        raise ValueError(
+            f"{what} {name!r} a density of {over[name]:.4g}, above the {caps[name]:.4g} its structure allows; "
+            f"use a sparsity of at least {1 - caps[name]:.4g} there."
+        )
 
 
 def _sizes(shapes):
@@ -132,7 +161,7 @@ def _uniform_densities(shapes, sparsity, fixed):
     return {n: densities[n] for n in names}
 
 
-def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True):
+def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True, max_densities=None):
     """Solve the ER(K) scale so that the active total hits the target.
 
     Args:
@@ -140,8 +169,11 @@ def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True):
         sparsity: overall target sparsity.
         fixed_densities: ``{name: density}`` that are not solved for.
         kernel: ERK (True) or ER (False).
+        max_densities: ``{name: cap}`` (default 1); a weight whose density
+            would exceed its cap gets the cap and the others are solved again.
     """
     fixed = dict(fixed_densities or {})
+    caps = {n: float((max_densities or {}).get(n, 1.0)) for n in shapes}
     sizes = _sizes(shapes)
     target_active = (1.0 - sparsity) * sum(sizes.values())
     free = [n for n in shapes if n not in fixed]
@@ -157,12 +189,13 @@ def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True):
         solving = [n for n in free if n not in dense]
         if not solving:
             break
-        rhs = remaining - sum(sizes[n] for n in dense)
+        rhs = remaining - sum(caps[n] * sizes[n] for n in dense)
         divisor = sum(raw[n] * sizes[n] for n in solving)
         eps = rhs / divisor
-        max_raw = max(raw[n] for n in solving)
-        if eps * max_raw > 1.0:
-            dense.update(n for n in solving if raw[n] == max_raw)
+        # With all caps 1 this is the paper's rule: the largest raw density goes dense first.
+        max_ratio = max(raw[n] / caps[n] for n in solving)
+        if eps * max_ratio > 1.0:
+            dense.update(n for n in solving if raw[n] / caps[n] == max_ratio)
             continue
         break
     densities = {}
@@ -170,10 +203,16 @@ def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True):
         if n in fixed:
             densities[n] = fixed[n]
         elif n in dense:
-            densities[n] = 1.0
+            densities[n] = caps[n]  # "dense": as dense as its structure allows
         else:
             densities[n] = eps * raw[n]
-    if free and not [n for n in free if n not in dense] and remaining > sum(sizes[n] for n in free) + 1e-9:
+    if free and not [n for n in free if n not in dense] and remaining > sum(caps[n] * sizes[n] for n in free) + 1e-9:
+        if any(caps[n] < 1.0 for n in free):
+            most = 1.0 - (sum(caps[n] * sizes[n] for n in free) + target_active - remaining) / sum(sizes.values())
+            raise ValueError(
+                f"sparsity={sparsity:g} needs more active weights than the structures allow even with every "
+                f"layer at its largest density (N/M for 'N:M'); use sparsity >= {most:.4g}."
+            )
         raise ValueError(
             "The per_layer sparsities leave fewer weights active than the target even with every "
             "other layer dense; raise the per_layer densities or the overall sparsity."
@@ -181,22 +220,32 @@ def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True):
     return densities
 
 
-def active_counts(shapes, densities):
+def active_counts(shapes, densities, units=None, capacities=None):
     """Number of active weights per name, summing exactly to the rounded target.
 
     Each weight gets floor(density * size) and the remaining units go to the
     largest fractional parts (largest-remainder rounding), so every count is
     within one of density * size and the total is round(sum density * size).
+
+    ``units`` (``{name: entries}``, default 1): counts in whole units (blocks
+    of k for "1xk"): each weight gets the floor in units, and the units left
+    go to the largest remainders while a unit brings the total closer to the
+    target (a tie rounds up), so with one unit k everywhere the total is the
+    target rounded to whole blocks and every count is within one block of
+    density * size. ``capacities`` (``{name: most active}``, default the size)
+    are never exceeded.
     """
     sizes = {n: math.prod(int(d) for d in shapes[n]) for n in shapes}
+    units = {n: int((units or {}).get(n, 1)) for n in shapes}
+    capacities = {n: int((capacities or {}).get(n, sizes[n])) for n in shapes}
     exact = {n: densities[n] * sizes[n] for n in shapes}
-    counts = {n: int(math.floor(exact[n] + 1e-9)) for n in shapes}
+    counts = {n: min(capacities[n], int(math.floor(exact[n] / units[n] + 1e-9)) * units[n]) for n in shapes}
     missing = int(round(sum(exact.values()))) - sum(counts.values())
-    by_remainder = sorted(shapes, key=lambda n: exact[n] - counts[n], reverse=True)
+    by_remainder = sorted(shapes, key=lambda n: (exact[n] - counts[n]) / units[n], reverse=True)
     for n in by_remainder:
         if missing <= 0:
             break
-        if counts[n] < sizes[n]:
-            counts[n] += 1
-            missing -= 1
+        if counts[n] + units[n] <= capacities[n] and 2 * missing >= units[n]:
+            counts[n] += units[n]
+            missing -= units[n]
     return counts

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from keras_rigl import _compat, backend_capture, gradient_capture, maskable
+from keras_rigl import structure as structures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,11 @@ class Masked(keras.layers.Wrapper):
             masked weight gets a gradient probe when the layer is built
             (:mod:`keras_rigl.backend_capture`); pass False for a model that
             never grows by the gradient.
+        structure: the structure every masked weight of this layer keeps
+            (:mod:`keras_rigl.structure`): None (unstructured), ``"1xk"``
+            (e.g. ``"1x4"``), ``"N:M"`` (e.g. ``"2:4"``) or a
+            ``keras_rigl.structure.Structure``. A weight that cannot carry it is
+            refused when the masks are made; masks set later must hold it.
 
     The masks start all ones (dense); :func:`keras_rigl.sparsify` or
     :func:`keras_rigl.initialize_masks` set them. Masks are non-trainable
@@ -65,7 +71,7 @@ class Masked(keras.layers.Wrapper):
     with the model.
     """
 
-    def __init__(self, layer, mask_depthwise=False, capture_gradients=True, **kwargs):
+    def __init__(self, layer, mask_depthwise=False, capture_gradients=True, structure=None, **kwargs):
         if not isinstance(layer, keras.layers.Layer):
             raise TypeError(f"Masked expects a keras.layers.Layer, got {layer!r}.")
         if isinstance(layer, Masked):
@@ -86,6 +92,7 @@ class Masked(keras.layers.Wrapper):
         super().__init__(layer, **kwargs)
         self.mask_depthwise = bool(mask_depthwise)
         self.capture_gradients = bool(capture_gradients)
+        object.__setattr__(self, "_structure", structures.get(structure))
         self.supports_masking = getattr(layer, "supports_masking", False)
         object.__setattr__(self, "_masked_weights", [])
         # Which capture the graphs traced from now on contain (gradient_capture.TRACE_*).
@@ -128,6 +135,8 @@ class Masked(keras.layers.Wrapper):
             object.__setattr__(self, "_capture_mode", mode)
             object.__setattr__(self, "_capture_decay", decay)
             object.__setattr__(self, "_capture_strategy", gradient_capture.current_strategy())
+        for ref in refs:  # before any weight is added: a refused layer is left as it was
+            self._structure.check_shape(tuple(ref.variable.shape), f"{self.name}/{ref.name}")
         masked = []
         for ref in refs:
             mask = self.add_weight(
@@ -175,6 +184,11 @@ class Masked(keras.layers.Wrapper):
         self.build(config.get("input_shape"))
         if self.layer.built and not self._masked_weights:
             self._create_masks()
+
+    @property
+    def structure(self):
+        """The :class:`keras_rigl.structure.Structure` every masked weight of this layer keeps."""
+        return self._structure
 
     @property
     def masked_weights(self):
@@ -329,7 +343,7 @@ class Masked(keras.layers.Wrapper):
             raise ValueError(f"Mask for {self.name}/{name} has shape {value.shape}, "
                              f"expected {tuple(mw.mask.shape)}.")
         if value.dtype == bool:
-            return value
+            return self._checked_structure(name, value)
         numeric = np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)
         bad = value[(value != 0) & (value != 1)] if numeric else value.reshape(-1)
         if bad.size:
@@ -338,7 +352,16 @@ class Masked(keras.layers.Wrapper):
                 f"{np.unique(bad)[:3].tolist()} (dtype {value.dtype}); pass e.g. (scores > threshold) "
                 "or a 0/1 array."
             )
-        return value != 0
+        return self._checked_structure(name, value != 0)
+
+    def _checked_structure(self, name, value):
+        if not self._structure.holds(value):
+            raise ValueError(
+                f"Mask for {self.name}/{name} does not hold the layer's structure {self._structure.spec!r}; "
+                f"draw masks that do with keras_rigl.initialize_masks(model, ...) or "
+                f"layer.structure.initial_mask(shape, n_active, rng)."
+            )
+        return value
 
     # ---------------------------------------------------------- serialization
     def save_own_variables(self, store):
@@ -363,6 +386,9 @@ class Masked(keras.layers.Wrapper):
     def get_config(self):
         config = super().get_config()
         config.update(mask_depthwise=self.mask_depthwise, capture_gradients=self.capture_gradients)
+        structure = structures.serialize(self._structure)
+        if structure is not None:  # unstructured layers keep the config they always had
+            config["structure"] = structure
         return config
 
     @classmethod

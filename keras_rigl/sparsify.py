@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_rigl import _compat, distributions, maskable, validation
+from keras_rigl import structure as structures
 from keras_rigl.masked import Masked
 
 MASK_INITS = ("random", "magnitude")
@@ -103,6 +104,7 @@ def sparsify(
     seed=None,
     mask_depthwise=False,
     capture_gradients=True,
+    structure=None,
 ):
     """Clone ``model`` with every maskable layer wrapped in ``Masked`` and masks drawn.
 
@@ -127,11 +129,17 @@ def sparsify(
         seed: int for reproducible masks.
         mask_depthwise: also mask depthwise kernels (off, as in the paper).
         capture_gradients: see :class:`Masked`.
+        structure: the structure of every masked weight (see
+            :mod:`keras_rigl.structure`): None (unstructured), ``"1xk"`` (e.g.
+            ``"1x4"``: blocks of k inputs of one output unit), ``"N:M"`` (e.g.
+            ``"2:4"``) or a ``Structure``. Every masked weight must carry it
+            (the error names the layer; leave it dense with ``exclude``).
 
     Returns:
         A new model. The input model is not modified.
     """
     _check_mask_arguments(sparsity, distribution, per_layer, mask_init, seed)
+    structure = structures.get(structure)
     check_built(model)
     if masked_layers(model):
         raise ValueError(
@@ -145,6 +153,10 @@ def sparsify(
             "build the model, then call keras_rigl.initialize_masks(model, sparsity=...)."
         )
     excluded = _exclusion_predicate(model, exclude)
+    for layer in all_layers(model):  # refuse before cloning: Keras would bury the message in its own
+        if not excluded(layer) and not isinstance(layer, keras.Model) and maskable.is_maskable(layer, depthwise=mask_depthwise):
+            for ref in maskable.maskable_weights(layer, depthwise=mask_depthwise):
+                structure.check_shape(tuple(ref.variable.shape), f"Layer {layer.name!r} weight {ref.name!r}")
 
     originals = {}  # id(new layer whose weights to fill) -> original layer
     unmaskable = []
@@ -156,7 +168,7 @@ def sparsify(
             if maskable.has_unmaskable_kernel(layer) and not excluded(layer):
                 unmaskable.append(f"{layer.name} ({type(layer).__name__})")
             return new
-        return Masked(new, mask_depthwise=mask_depthwise, capture_gradients=capture_gradients)
+        return Masked(new, mask_depthwise=mask_depthwise, capture_gradients=capture_gradients, structure=structure)
 
     try:
         clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
@@ -177,10 +189,48 @@ def sparsify(
             f"Model {model.name!r} has no maskable layer (Dense, Conv, Embedding, RNN, ...) left "
             "after `exclude`; nothing to make sparse."
         )
+    for layer in _masked_at_model_output(clone):  # e.g. no neuron ablation of the logits ("fan_in")
+        object.__setattr__(layer, "_structure", layer.structure.at_model_output())
     initialize_masks(
         clone, sparsity, distribution=distribution, per_layer=per_layer, mask_init=mask_init, seed=seed
     )
     return clone
+
+
+def _masked_at_model_output(model):
+    """Top-level Masked layers whose output reaches a model output through single-input layers only."""
+    graph = _compat.graph_model(model)
+    outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
+    readers = {}
+    for layer in graph.layers:
+        try:
+            inputs = keras.tree.flatten(layer.input)
+        except (ValueError, AttributeError):  # shared layer: not followed
+            continue
+        for tensor in inputs:
+            readers.setdefault(id(tensor), []).append((layer, len(inputs)))
+    found = []
+    for layer in graph.layers:
+        if not isinstance(layer, Masked):
+            continue
+        try:
+            pending = [layer.output]
+        except (ValueError, AttributeError):
+            continue
+        seen = set()
+        while pending:
+            tensor = pending.pop()
+            if id(tensor) in outputs:
+                found.append(layer)
+                break
+            for reader, n_inputs in readers.get(id(tensor), []):
+                if n_inputs == 1 and not isinstance(reader, Masked) and id(reader) not in seen:
+                    seen.add(id(reader))
+                    try:
+                        pending.extend(keras.tree.flatten(reader.output))
+                    except (ValueError, AttributeError):
+                        pass
+    return found
 
 
 def _copy_weights(clone, originals):
@@ -221,25 +271,28 @@ def _expand_per_layer(per_layer, keys):
     return expanded
 
 
-def _draw_mask(weight, n_active, mask_init, rng):
-    size = weight.size
-    mask = np.zeros(size, dtype=bool)
-    if mask_init == "random":
-        mask[rng.choice(size, size=n_active, replace=False)] = True
-    else:
-        # Largest |w| first; ties broken by a seeded random key so that a
-        # constant-initialised tensor still gets a random (reproducible) mask.
-        order = np.lexsort((rng.random(size), -np.abs(weight.reshape(-1))))
-        mask[order[:n_active]] = True
-    return mask.reshape(weight.shape)
+def _draw_mask(weight, n_active, mask_init, rng, structure=None):
+    """``structure.initial_mask``: uniformly at random, or the largest |w| first (``"magnitude"``)."""
+    scores = None if mask_init == "random" else np.abs(weight)
+    return structures.get(structure).initial_mask(weight.shape, n_active, rng, scores=scores)
 
 
-def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_init="random", seed=None):
+def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_init="random", seed=None,
+                     structure=None):
     """Draw the masks of every ``Masked`` layer of ``model`` and zero the masked weights.
 
-    Returns ``{"layer/weight": density}``.
+    ``structure``: None keeps each layer's own structure (``Masked(...,
+    structure=)``); a structure (e.g. ``"1x4"``) is set on every Masked layer
+    first (every masked weight must carry it). Densities are solved with the
+    structures' caps and counts rounded to their units (see
+    :mod:`keras_rigl.distributions`), so the total stays exact (in whole
+    blocks for "1xk").
+
+    Returns ``{"layer/weight": density}`` as solved (the drawn counts round it to whole units).
     """
     _check_mask_arguments(sparsity, distribution, per_layer, mask_init, seed)
+    if structure is not None:
+        structure = structures.get(structure)
     check_built(model)
     layers = masked_layers(model)
     if not layers:
@@ -249,14 +302,24 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
         )
     keys = _weight_keys(layers)
     shapes = {k: tuple(mw.weight.shape) for k, (_, mw) in keys.items()}
+    if structure is not None:
+        for key, (layer, mw) in keys.items():
+            structure.check_shape(shapes[key], key)
+        for layer in layers:
+            object.__setattr__(layer, "_structure", structure)
+    kept = {k: layer.structure for k, (layer, _) in keys.items()}
     densities = distributions.layer_densities(
-        shapes, sparsity, distribution, per_layer=_expand_per_layer(per_layer, keys)
+        shapes, sparsity, distribution, per_layer=_expand_per_layer(per_layer, keys),
+        max_densities={k: kept[k].max_density(shapes[k]) for k in keys},
     )
-    counts = distributions.active_counts(shapes, densities)
+    counts = distributions.active_counts(
+        shapes, densities, units={k: kept[k].unit(shapes[k]) for k in keys},
+        capacities={k: kept[k].max_active(shapes[k]) for k in keys},
+    )
     rng = np.random.default_rng(seed)
     for index, (key, (layer, mw)) in enumerate(keys.items()):
         w = keras.ops.convert_to_numpy(mw.weight)
-        mask = _draw_mask(w, counts[key], mask_init, np.random.default_rng(rng.integers(2**63)))
+        mask = _draw_mask(w, counts[key], mask_init, np.random.default_rng(rng.integers(2**63)), kept[key])
         layer.set_masks({mw.name: mask})
     return densities
 

@@ -15,6 +15,9 @@ when the zeros really come in such blocks), it is stored as random-sparsity
 CSR and a DENSIFY op expands it once when the interpreter prepares the
 model.  So the *file* shrinks, but compute stays dense unless a delegate
 (XNNPACK's sparse path, see ``keras_rigl.tflite.xnnpack``) uses the sparsity.
+Masks in 1x4 blocks (float32) or 1x16 blocks (int8) make the converter store
+FULLY_CONNECTED weights block-sparse, run by TFLite's builtin sparse FC kernels
+(``report.attrs["block_sparse"]``; :mod:`keras_rigl.tflite.structured`).
 Two exceptions, both visible in the returned report:
 
 * a FULLY_CONNECTED weight whose zeros leave almost every 1x4 block empty
@@ -342,7 +345,13 @@ def export_tflite(model, path, quantize=None, representative_data=None, sparse: 
         in ``.attrs["totals"]`` and the export settings in ``.attrs``;
         ``.attrs["quantize"]`` is read from the file's tensor types, and a
         conversion that did not give the asked-for types raises
-        ``ValueError`` before anything is written.
+        ``ValueError`` before anything is written. For a model with
+        ``Masked`` layers, ``.attrs["block_sparse"]`` is a list of dicts (one
+        per masked Dense layer, ``pd.DataFrame(...)`` of it prints a table; see
+        :func:`keras_rigl.tflite.structured.block_sparse_layers`) saying
+        which layers TFLite runs on its sparse fully-connected kernels:
+        float32 needs masks in 1x4 blocks, ``"int8"``/``"dynamic"`` 1x16
+        blocks (4 or 16 consecutive inputs of one output unit).
     """
     quantize = _check_quantize(quantize)
     target = _check_target(target)
@@ -362,14 +371,29 @@ def export_tflite(model, path, quantize=None, representative_data=None, sparse: 
         from keras_rigl.tflite.xnnpack_rewrite import rewrite_for_xnnpack_sparse
 
         plain = rewrite_for_xnnpack_sparse(plain)
+    if sparse and quantize in ("dynamic", "int8"):
+        from keras_rigl.tflite.structured import INT8_FC_BLOCK, pad_dense_inputs
+
+        # whole 1x16 blocks: the converter drops the inputs of a partial int8 block
+        plain = pad_dense_inputs(plain, INT8_FC_BLOCK)
     representative = representative_dataset(representative_data, plain) if quantize == "int8" else None
 
     data = _convert(plain, quantize, representative, sparse)
     report = _check_file_matches(data, quantize)
+    if sparse:
+        from keras_rigl.tflite.structured import check_block_shapes
+
+        check_block_shapes(data)
     _write_atomic(data, path)
 
     report.attrs.update({"path": path, "quantize": report.attrs["file_quantize"], "sparse": bool(sparse),
                          "target": target})
+    if masked_layers(model):
+        from keras_rigl.tflite.structured import block_sparse_layers
+
+        # records, not a DataFrame: pandas compares attrs in pd.concat and copies them on every slice
+        report.attrs["block_sparse"] = block_sparse_layers(model, data, quantize=report.attrs["quantize"]).to_dict(
+            "records")
     if check_runtime:
         from keras_rigl.tflite.runtime import xnnpack_delegate_status
 

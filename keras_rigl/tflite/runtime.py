@@ -119,7 +119,9 @@ class TFLiteRunner:
         self.delegate_error = None
         self._model = model
         self._fallback = fallback
-        self.interpreter = make_interpreter(model, num_threads=num_threads, use_xnnpack=use_xnnpack)
+        if use_xnnpack:
+            self._avoid_xnnpack_misread()
+        self.interpreter = make_interpreter(self._model, num_threads=num_threads, use_xnnpack=self.use_xnnpack)
         try:
             self.interpreter.allocate_tensors()
         except RuntimeError as e:
@@ -128,6 +130,31 @@ class TFLiteRunner:
             self._drop_xnnpack(e)
         self._batch = None
         self._can_resize = None
+
+    def _avoid_xnnpack_misread(self) -> None:
+        # XNNPACK takes a dynamic-range FULLY_CONNECTED whose int8 weight is stored in
+        # blocks and reads the compressed values as a dense matrix: wrong outputs, or a
+        # bus error that kills the process (ai-edge-litert 2.3). Never hand it such a file.
+        from keras_rigl.tflite.flatbuffer import read_tflite_model
+        from keras_rigl.tflite.structured import xnnpack_misread_ops
+
+        if not isinstance(self._model, (bytes, bytearray, memoryview)):
+            path = os.fspath(self._model)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no TFLite file at {path!r}")
+            _, raw = read_tflite_model(path)
+        else:
+            raw = bytes(self._model)
+        misread = xnnpack_misread_ops(raw)
+        if not misread:
+            return
+        why = ("XNNPACK misreads block-sparse dynamic-range weights (" + "; ".join(misread[:3])
+               + "): wrong outputs or a crash")
+        if not self._fallback:
+            raise RuntimeError(why + "; run this file with use_xnnpack=False")
+        self.delegate_error = why
+        warnings.warn("running without XNNPACK: " + why, RuntimeWarning, stacklevel=4)
+        self.use_xnnpack = False
 
     def _drop_xnnpack(self, error: Exception) -> None:
         # e.g. int8 weights stored sparse (dynamic-range or full-integer FC):

@@ -1,0 +1,549 @@
+"""Structured sparsity ("1xk" blocks, "N:M" groups): parsing, masks, the update, distributions, training.
+
+Expected masks are written by hand or computed by the slow reference loops
+below, which index the kernel directly (``w[..., b*k:(b+1)*k, j]``) instead of
+going through the module's row layout.
+"""
+
+import logging
+import os
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import keras_rigl
+from keras_rigl import distributions, updates
+from keras_rigl import structure as S
+
+
+# ------------------------------------------------------------ references
+def groups_of(shape, size):
+    """Index tuples of every block/group of ``size`` consecutive inputs of one output unit, one position."""
+    *spatial, n_in, n_out = shape
+    out = []
+    for position in np.ndindex(*spatial):
+        for j in range(n_out):
+            for b in range(n_in // size):
+                out.append([position + (i, j) for i in range(b * size, (b + 1) * size)])
+    return out
+
+
+def blocks_hold(mask, k):
+    return all(len({bool(mask[i]) for i in block}) == 1 for block in groups_of(mask.shape, k))
+
+
+def n_of_m_holds(mask, n, m):
+    return all(sum(bool(mask[i]) for i in group) <= n for group in groups_of(mask.shape, m))
+
+
+def reference_blocks_update(w, mask, grow, fraction, k):
+    """Drop the floor(f * active blocks) active blocks of smallest sum |w|, grow as many of the largest
+    sum grow score among the rest (distinct sums assumed)."""
+    blocks = groups_of(w.shape, k)
+    active = [b for b in blocks if mask[b[0]]]
+    n_drop = int(np.floor(fraction * len(active)))
+    dropped = sorted(active, key=lambda b: sum(abs(float(w[i])) for i in b))[:n_drop]
+    kept = [b for b in active if b not in dropped]
+    candidates = [b for b in blocks if b not in kept]
+    grown = sorted(candidates, key=lambda b: -sum(float(grow[i]) for i in b))[:n_drop]
+    new = np.zeros(w.shape, bool)
+    for b in kept + grown:
+        for i in b:
+            new[i] = True
+    return new
+
+
+def reference_n_of_m_update(w, mask, grow, fraction, n, m):
+    """Drop the k active entries of smallest |w|; grow greedily by grow score while the group has room."""
+    group_of = {i: g for g, group in enumerate(groups_of(w.shape, m)) for i in group}
+    active = [i for i in group_of if mask[i]]
+    k = int(np.floor(fraction * len(active)))
+    dropped = sorted(active, key=lambda i: abs(float(w[i])))[:k]
+    new = {i for i in active if i not in dropped}
+    room = {g: n for g in set(group_of.values())}
+    for i in new:
+        room[group_of[i]] -= 1
+    for i in sorted((i for i in group_of if i not in new), key=lambda i: -float(grow[i])):
+        if len(new) == len(active):
+            break
+        if room[group_of[i]] > 0:
+            new.add(i)
+            room[group_of[i]] -= 1
+    out = np.zeros(w.shape, bool)
+    for i in new:
+        out[i] = True
+    return out
+
+
+# --------------------------------------------------------------- parsing
+def test_get_parses_specs():
+    assert isinstance(S.get(None), S.Unstructured) and isinstance(S.get("unstructured"), S.Unstructured)
+    assert S.get("1x4") == S.Blocks(4) and S.get(" 1X16 ") == S.Blocks(16)
+    assert S.get("2:4") == S.NofM(2, 4) and S.get("1:8").spec == "1:8"
+    blocks = S.Blocks(4)
+    assert S.get(blocks) is blocks
+    assert S.get(keras.saving.serialize_keras_object(S.NofM(2, 4))) == S.NofM(2, 4)
+
+
+@pytest.mark.parametrize(
+    "spec, fix",
+    [("1x0", "'1x4'"), ("5:4", "'2:4'"), ("4:4", "structure=None"), ("abc", "'1x4'"), ("0:4", "'2:4'"),
+     ("1x", "'1x4'")],
+)
+def test_bad_specs_give_one_line_errors_naming_the_fix(spec, fix):
+    with pytest.raises(ValueError) as info:
+        S.get(spec)
+    assert "\n" not in str(info.value) and fix in str(info.value)
+
+
+def test_non_string_spec_is_a_type_error():
+    with pytest.raises(TypeError, match="'1x4'"):
+        S.get(4)
+
+
+def test_register_structure_by_name_and_by_parser():
+    class Every(S.Unstructured):
+        name = "every_test"
+
+    S.register_structure("every_test", Every)
+    assert type(S.get("every_test")) is Every
+
+    class Stripes(S.Blocks):
+        pass
+
+    S.register_structure(lambda spec: {"k": int(spec[7:])} if spec.startswith("stripes") else None, Stripes)
+    got = S.get("stripes8")
+    assert type(got) is Stripes and got.k == 8
+    with pytest.raises(TypeError):
+        S.register_structure("x", int)
+
+
+# ------------------------------------------------------------ shapes
+@pytest.mark.parametrize("spec, shape", [("1x4", (6, 3)), ("2:4", (3, 3, 6, 8)), ("1x4", (8,))])
+def test_kernel_that_cannot_carry_the_structure_is_refused_naming_exclude(spec, shape):
+    with pytest.raises(ValueError) as info:
+        S.get(spec).check_shape(shape, "dense/kernel")
+    message = str(info.value)
+    assert "\n" not in message and "dense/kernel" in message and "exclude" in message
+
+
+def test_unit_and_capacity():
+    assert S.Blocks(4).unit((8, 3)) == 4 and S.Blocks(4).max_active((8, 3)) == 24
+    assert S.NofM(2, 4).unit((8, 3)) == 1 and S.NofM(2, 4).max_active((8, 3)) == 12
+    assert S.NofM(1, 4).max_density((3, 3, 4, 2)) == 0.25
+
+
+def test_row_layout_is_consecutive_inputs_of_one_output_unit():
+    w = np.arange(2 * 4 * 3).reshape(2, 4, 3)  # (position, in, out)
+    rows = S.to_rows(w)
+    np.testing.assert_array_equal(rows[0], w[0, :, 0])  # position 0, output 0: its 4 inputs
+    np.testing.assert_array_equal(rows[4], w[1, :, 1])
+    np.testing.assert_array_equal(S.from_rows(rows, w.shape), w)
+
+
+# ------------------------------------------------------------ by hand
+def test_blocks_update_by_hand_ranks_block_sums():
+    # Dense kernel (in=4, out=2), 1x2: blocks A=(0:2, out 0), D=(2:4, out 0), B=(0:2, out 1), C=(2:4, out 1).
+    w = np.array([[0.9, 0.1], [0.8, 0.2], [0.0, 0.3], [0.0, 0.05]], "float32")
+    mask = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], "float32")  # A, B, C active
+    # |w| sums: A 1.7, B 0.3, C 0.35 -> k = floor(0.5 * 3) = 1 block: B is dropped.
+    # Grow sums among B and D: B = 5 + 0 = 5, D = 3 + 3 = 6 -> D grows, although B holds the largest entry.
+    grow = np.array([[0, 5], [0, 0], [3, 0], [3, 0]], "float32")
+    r = S.Blocks(2).drop_and_grow(w, mask, grow, 0.5, seed=0)
+    np.testing.assert_array_equal(r.new_mask, [[1, 0], [1, 0], [1, 1], [1, 1]])
+    np.testing.assert_array_equal(r.grown, [[0, 0], [0, 0], [1, 0], [1, 0]])
+    np.testing.assert_array_equal(r.removed, [[0, 1], [0, 1], [0, 0], [0, 0]])
+    assert (r.n_active, r.n_dropped, r.n_moved) == (6, 2, 2)
+    assert r.new_mask.dtype == mask.dtype
+
+
+def test_blocks_update_takes_the_drop_scores_hook_summed():
+    w = np.array([[0.9, 0.1], [0.8, 0.2], [0.0, 0.3], [0.0, 0.05]], "float32")
+    mask = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], "float32")
+    keep = np.array([[-1, 1], [0.5, 1], [9, 2], [9, -5]], "float32")  # sums: A -0.5, B 2, C -3 -> C dropped
+    grow = np.array([[0, 0], [0, 0], [1, 0], [1, 0]], "float32")  # D grows
+    r = S.Blocks(2).drop_and_grow(w, mask, grow, 0.5, seed=0, drop_scores=keep)
+    np.testing.assert_array_equal(r.new_mask, [[1, 1], [1, 1], [1, 0], [1, 0]])
+
+
+def test_n_of_m_update_respects_group_capacity_by_hand():
+    # One output unit, 8 inputs, 2:4: groups g0 = 0..3, g1 = 4..7.
+    w = np.array([0.9, 0.8, 0, 0, 0.1, 0, 0, 0], "float32").reshape(8, 1)
+    mask = np.array([1, 1, 0, 0, 1, 0, 0, 0], "float32").reshape(8, 1)
+    grow = np.array([0, 0, 9, 8, 1, 2, 3, 0], "float32").reshape(8, 1)
+    # k = floor(0.34 * 3) = 1: drop input 4 (|w| 0.1). g0 is full (2 of 2), so 2 and 3 (scores 9, 8)
+    # cannot grow; the best of g1 is input 6.
+    r = S.NofM(2, 4).drop_and_grow(w, mask, grow, 0.34, seed=0)
+    np.testing.assert_array_equal(r.new_mask.reshape(-1), [1, 1, 0, 0, 0, 0, 1, 0])
+    assert (r.n_active, r.n_dropped, r.n_moved) == (3, 1, 1)
+    # k = floor(0.67 * 3) = 2: drop 4 and 1; g0 has room for one (input 2, not 3), g1 for two (6, 5):
+    # the two best eligible are 2 (9) and 6 (3); input 3 (8) is second overall but not eligible.
+    r = S.NofM(2, 4).drop_and_grow(w, mask, grow, 0.67, seed=0)
+    np.testing.assert_array_equal(r.new_mask.reshape(-1), [1, 0, 1, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(r.removed.reshape(-1), [0, 1, 0, 0, 1, 0, 0, 0])
+
+
+def test_n_of_m_magnitude_initial_mask_by_hand():
+    scores = np.array([[0.1, 5], [0.4, 6], [0.3, 7], [0.2, 8]], "float32")  # (in=4, out=2), 2:4, 3 active
+    # the two best of each group: out 0 -> inputs 1, 2 (0.4, 0.3); out 1 -> inputs 2, 3 (7, 8);
+    # the 3 best of those: 8, 7, 0.4.
+    mask = S.NofM(2, 4).initial_mask((4, 2), 3, np.random.default_rng(0), scores=scores)
+    np.testing.assert_array_equal(mask, [[0, 0], [1, 0], [0, 1], [0, 1]])
+
+
+def test_blocks_magnitude_initial_mask_by_hand():
+    scores = np.array([[1, 0], [1, 0], [0, 3], [0, -3]], "float32")  # |.| sums: A 2, D 0, B 0, C 6
+    mask = S.Blocks(2).initial_mask((4, 2), 4, np.random.default_rng(0), scores=scores)
+    np.testing.assert_array_equal(mask, [[1, 0], [1, 0], [0, 1], [0, 1]])
+
+
+def test_initial_mask_refuses_a_count_that_does_not_fit():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        S.Blocks(4).initial_mask((8, 2), 6, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at most 8"):
+        S.NofM(2, 4).initial_mask((8, 2), 9, np.random.default_rng(0))
+
+
+def test_update_refuses_a_mask_that_breaks_the_structure():
+    mask = np.array([[1, 0], [0, 0], [0, 0], [0, 0]], "float32")
+    with pytest.raises(ValueError, match="does not hold structure '1x2'"):
+        S.Blocks(2).drop_and_grow(np.ones((4, 2), "float32"), mask, np.zeros((4, 2)), 0.5)
+
+
+def test_block_ties_follow_the_seed_not_the_index():
+    w = np.ones((16, 4), "float32")
+    mask = np.zeros((16, 4), "float32")
+    mask[:8] = 1
+    zeros = np.zeros((16, 4), "float32")
+    a = S.Blocks(4).drop_and_grow(w, mask, zeros, 0.5, seed=1).new_mask
+    b = S.Blocks(4).drop_and_grow(w, mask, zeros, 0.5, seed=1).new_mask
+    c = S.Blocks(4).drop_and_grow(w, mask, zeros, 0.5, seed=2).new_mask
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    assert (a[8:] != 0).any()  # grown blocks are not simply the next rows
+
+
+# ------------------------------------------------------- properties
+shapes = st.tuples(
+    st.sampled_from([(), (2,), (1, 2)]), st.integers(1, 3), st.integers(1, 3)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.sampled_from([1, 2, 4]), st.floats(0, 1), st.integers(0, 2**31), st.integers(0, 10**6))
+def test_blocks_properties(shape_parts, k, fraction, seed, draw):
+    spatial, n_blocks, n_out = shape_parts
+    shape = spatial + (n_blocks * k, n_out)
+    structure = S.Blocks(k)
+    rng = np.random.default_rng(draw)
+    total_blocks = int(np.prod(shape)) // k
+    n_active = int(rng.integers(0, total_blocks + 1)) * k
+    mask = structure.initial_mask(shape, n_active, rng)
+    assert mask.dtype == bool and mask.sum() == n_active and blocks_hold(mask, k) and structure.holds(mask)
+    w = (rng.random(shape).astype("float32") + 0.01) * mask
+    grow = rng.random(shape).astype("float32")
+    r = structure.drop_and_grow(w, mask.astype("float32"), grow, fraction, seed=seed)
+    new = r.new_mask != 0
+    assert new.sum() == n_active == r.n_active and blocks_hold(new, k)
+    np.testing.assert_array_equal(new, reference_blocks_update(w, mask, grow, fraction, k))
+    np.testing.assert_array_equal(r.removed, mask & ~new)
+    np.testing.assert_array_equal(r.grown, new & ~mask)  # RigL-style: regrown blocks are not new
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4)]), st.floats(0, 1), st.integers(0, 2**31),
+       st.integers(0, 10**6))
+def test_n_of_m_properties(shape_parts, nm, fraction, seed, draw):
+    spatial, n_groups, n_out = shape_parts
+    n, m = nm
+    shape = spatial + (n_groups * m, n_out)
+    structure = S.NofM(n, m)
+    rng = np.random.default_rng(draw)
+    n_active = int(rng.integers(0, structure.max_active(shape) + 1))
+    mask = structure.initial_mask(shape, n_active, rng)
+    assert mask.sum() == n_active and n_of_m_holds(mask, n, m) and structure.holds(mask)
+    w = (rng.random(shape).astype("float32") + 0.01) * mask
+    grow = rng.random(shape).astype("float32")
+    r = structure.drop_and_grow(w, mask.astype("float32"), grow, fraction, seed=seed, reinit_regrown=True)
+    new = r.new_mask != 0
+    assert new.sum() == n_active == r.n_active and n_of_m_holds(new, n, m)
+    np.testing.assert_array_equal(new, reference_n_of_m_update(w, mask, grow, fraction, n, m))
+    assert r.n_moved == int((new & ~mask).sum())
+
+
+def test_unstructured_is_the_plain_update():
+    rng = np.random.default_rng(3)
+    w, grow = rng.random((6, 5)).astype("float32"), rng.random((6, 5)).astype("float32")
+    mask = S.Unstructured().initial_mask((6, 5), 11, rng)
+    a = S.Unstructured().drop_and_grow(w * mask, mask.astype("float32"), grow, 0.4, seed=9)
+    b = updates.drop_and_grow(w * mask, mask.astype("float32"), grow, 0.4, seed=9)
+    np.testing.assert_array_equal(a.new_mask, b.new_mask)
+
+
+# ----------------------------------------------------- distributions
+def test_active_counts_in_whole_blocks_by_hand():
+    shapes = {"a": (10, 4), "b": (8, 4)}
+    # exact 20.8 and 19.2 (total 40): floors in blocks of 4 are 20 and 16, and the last block goes to
+    # the larger remainder (b: 3.2 of 4), so both are within one block and the total is exact.
+    counts = distributions.active_counts(shapes, {"a": 0.52, "b": 0.6}, units={"a": 4, "b": 4})
+    assert counts == {"a": 20, "b": 20}
+    # exact 20 + 12.8 = 32.8 -> 33, which is 8.25 blocks: the total is rounded to 8 blocks.
+    assert distributions.active_counts(shapes, {"a": 0.5, "b": 0.4}, units={"a": 4, "b": 4}) == {"a": 20, "b": 12}
+
+
+def test_erk_caps_at_n_over_m_and_redistributes():
+    shapes = {"a": (4, 100), "b": (100, 100)}
+    # raw ERK densities 0.26 and 0.02: a wants 1 (dense); capped at 0.5 (200 of 400) the target of
+    # 0.4 * 10400 = 4160 leaves 3960 of 10000 for b.
+    densities = distributions.layer_densities(shapes, 0.6, "erk", max_densities={"a": 0.5, "b": 0.5})
+    assert densities == pytest.approx({"a": 0.5, "b": 0.396})
+    with pytest.raises(ValueError, match="sparsity >= 0.5"):
+        distributions.layer_densities(shapes, 0.4, "erk", max_densities={"a": 0.5, "b": 0.5})
+
+
+def test_uniform_with_a_cap():
+    shapes = {"a": (4, 8), "b": (8, 8)}
+    assert distributions.layer_densities(shapes, 0.6, "uniform", max_densities={"a": 0.5, "b": 0.5}) == {
+        "a": 0.5, "b": pytest.approx(0.4)}
+    with pytest.raises(ValueError, match="at least 0.5"):
+        distributions.layer_densities(shapes, 0.3, "uniform", max_densities={"a": 0.5, "b": 0.5})
+
+
+# -------------------------------------------------------------- models
+def lenet_300_100():
+    inp = keras.Input((784,))
+    x = keras.layers.Dense(300, activation="relu", name="fc1")(inp)
+    x = keras.layers.Dense(100, activation="relu", name="fc2")(x)
+    return keras.Model(inp, keras.layers.Dense(10, name="fc3")(x))
+
+
+def small_cnn():
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv1")(inp)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inp, keras.layers.Dense(10, name="out")(x))
+
+
+def kernel_masks(model):
+    return {layer.layer.name: layer.get_masks()["kernel"] for layer in keras_rigl.masked_layers(model)}
+
+
+def check_invariant(model, spec):
+    k_or_nm = [int(v) for v in spec.replace("1x", "").split(":")]
+    for name, mask in kernel_masks(model).items():
+        if ":" in spec:
+            assert n_of_m_holds(mask, *k_or_nm), name
+        else:
+            assert blocks_hold(mask, k_or_nm[0]), name
+
+
+@pytest.mark.parametrize("spec", ["1x4", "2:4"])
+def test_sparsify_lenet_counts_exact_in_units(spec):
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure=spec, seed=0)
+    masks = kernel_masks(model)
+    check_invariant(model, spec)
+    # 784*300 + 300*100 + 100*10 = 266200 masked weights, 10% = 26620 active (6655 whole blocks of 4)
+    assert sum(int(m.sum()) for m in masks.values()) == 26620
+    if spec == "1x4":
+        assert all(int(m.sum()) % 4 == 0 for m in masks.values())
+    for layer in keras_rigl.masked_layers(model):
+        assert layer.structure == S.get(spec)
+
+
+def test_sparsify_1x16_counts_whole_blocks():
+    inp = keras.Input((64,))
+    model = keras.Model(inp, keras.layers.Dense(5, name="b")(keras.layers.Dense(32, name="a")(inp)))
+    sparse = keras_rigl.sparsify(model, 0.8, structure="1x16", seed=0)
+    masks = kernel_masks(sparse)
+    # 64*32 + 32*5 = 2208 weights, 20% = 441.6 -> 442 = 27.6 blocks of 16 -> 28 blocks = 448
+    assert sum(int(m.sum()) for m in masks.values()) == 448
+    assert all(int(m.sum()) % 16 == 0 for m in masks.values())
+    check_invariant(sparse, "1x16")
+
+
+def test_sparsify_refuses_a_kernel_that_cannot_carry_it_and_exclude_fixes_it():
+    with pytest.raises(ValueError) as info:
+        keras_rigl.sparsify(small_cnn(), 0.8, structure="1x4")
+    assert "\n" not in str(info.value) and "conv1" in str(info.value) and "exclude" in str(info.value)
+    sparse = keras_rigl.sparsify(small_cnn(), 0.8, structure="1x4", exclude=["conv1"], seed=0)
+    assert sorted(kernel_masks(sparse)) == ["conv2", "out"]
+    check_invariant(sparse, "1x4")
+
+
+def test_sparsify_magnitude_init_keeps_the_structure():
+    sparse = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="2:4", mask_init="magnitude", seed=0)
+    check_invariant(sparse, "2:4")
+
+
+def test_initialize_masks_sets_a_structure_on_masked_layers():
+    inp = keras.Input((16,))
+    layer = keras_rigl.Masked(keras.layers.Dense(8))
+    model = keras.Model(inp, layer(inp))
+    keras_rigl.initialize_masks(model, 0.75, structure="1x4", seed=0)
+    assert layer.structure == S.Blocks(4)
+    assert blocks_hold(layer.get_masks()["kernel"], 4) and int(layer.get_masks()["kernel"].sum()) == 32
+
+
+def test_masked_refuses_a_kernel_that_cannot_carry_it():
+    layer = keras_rigl.Masked(keras.layers.Dense(3), structure="2:4")
+    with pytest.raises(ValueError, match="exclude"):
+        layer.build((None, 6))
+
+
+def test_set_masks_refuses_a_mask_breaking_the_structure():
+    layer = keras_rigl.Masked(keras.layers.Dense(2), structure="2:4")
+    layer.build((None, 4))
+    with pytest.raises(ValueError, match="does not hold the layer's structure '2:4'"):
+        layer.set_masks({"kernel": np.array([[1, 0], [1, 0], [1, 0], [0, 0]])})
+    layer.set_masks({"kernel": np.array([[1, 0], [1, 0], [0, 1], [0, 0]])})
+
+
+def test_config_and_save_load_keep_the_structure(tmp_path):
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="2:4", seed=0)
+    layer = keras_rigl.masked_layers(model)[0]
+    config = layer.get_config()
+    assert config["structure"]["config"] == {"n": 2, "m": 4}
+    assert keras_rigl.Masked.from_config(config).structure == S.NofM(2, 4)
+    plain = keras_rigl.sparsify(lenet_300_100(), 0.9, seed=0)
+    assert "structure" not in keras_rigl.masked_layers(plain)[0].get_config()  # old files stay as they were
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [l.structure for l in keras_rigl.masked_layers(loaded)] == [S.NofM(2, 4)] * 3
+    for name, mask in kernel_masks(loaded).items():
+        np.testing.assert_array_equal(mask, kernel_masks(model)[name])
+
+
+def test_strip_keeps_the_function():
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="1x4", seed=0)
+    x = np.random.default_rng(0).random((4, 784)).astype("float32")
+    stripped = keras_rigl.strip(model)
+    assert not keras_rigl.masked_layers(stripped)
+    np.testing.assert_allclose(stripped.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    kernel = stripped.get_layer("fc1").kernel.numpy()
+    assert blocks_hold(kernel != 0, 4)
+
+
+# ------------------------------------------------------------ training
+class InvariantEveryBatch(keras.callbacks.Callback):
+    """Runs after the sparse callback: the structure and every weight's active count hold after each step."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec, self.counts, self.checked = spec, None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        check_invariant(self.model, self.spec)
+        counts = {name: int(mask.sum()) for name, mask in kernel_masks(self.model).items()}
+        if self.counts is None:
+            self.counts = counts
+        assert counts == self.counts
+        self.checked += 1
+
+
+def teacher_data(shape, n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n,) + shape).astype("float32")
+    y = (x.reshape(n, -1) @ rng.normal(size=(int(np.prod(shape)), 10))).argmax(1)
+    return x, y
+
+
+def _fit(model, callback, spec, x, y, epochs=2):
+    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    check = InvariantEveryBatch(spec)
+    history = model.fit(x, y, batch_size=32, epochs=epochs, callbacks=[callback, check], verbose=0)
+    assert check.checked == epochs * len(x) // 32
+    return history
+
+
+@pytest.mark.parametrize("method", [keras_rigl.RigL, keras_rigl.SET, keras_rigl.SNFS, keras_rigl.Static])
+@pytest.mark.parametrize("spec", ["1x4", "2:4"])
+def test_every_method_keeps_the_structure_at_every_update(method, spec):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(small_cnn(), 0.8, structure=spec, exclude=["conv1"], seed=0)
+    before = {name: int(m.sum()) for name, m in kernel_masks(model).items()}
+    start = kernel_masks(model)
+    callback = method(update_freq=2, drop_fraction=0.5)
+    _fit(model, callback, spec, *teacher_data((8, 8, 1), 128))
+    rows = callback.updates
+    if method is keras_rigl.Static:
+        assert rows.empty
+        for name, mask in kernel_masks(model).items():
+            np.testing.assert_array_equal(mask, start[name])
+        return
+    assert len(rows) > 0 and rows["n_moved"].sum() > 0
+    for _, row in rows.iterrows():
+        assert row["n_active"] == before[row["layer"]]
+        if spec == "1x4":
+            assert row["n_dropped"] % 4 == 0 and row["n_moved"] % 4 == 0
+
+
+def test_compiled_true_is_refused_and_none_falls_back_with_one_log_line(caplog):
+    model = keras_rigl.sparsify(small_cnn(), 0.8, structure="1x4", exclude=["conv1"], seed=0)
+    x, y = teacher_data((8, 8, 1), 64)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError) as info:
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_rigl.SET(update_freq=1, compiled=True)])
+    assert "compiled=None" in str(info.value) and "\n" not in str(info.value)
+    with caplog.at_level(logging.INFO, logger="keras_rigl"):
+        _fit(model, keras_rigl.SET(update_freq=1, drop_fraction=0.5), "1x4", x, y, epochs=2)
+    lines = [r for r in caplog.records if "runs in NumPy" in r.getMessage()]
+    assert len(lines) == 1
+
+
+def test_grow_scores_hook_is_reduced_by_the_structure():
+    class GrowLast(keras_rigl.SET):
+        """Grows the last inputs first: with 1x4 the last block of every output unit."""
+
+        def grow_scores(self, layer, masked_weight, seed):
+            shape = tuple(masked_weight.weight.shape)
+            return np.broadcast_to(np.arange(shape[-2], dtype="float32")[:, None], shape)
+
+    inp = keras.Input((8,))
+    layer = keras_rigl.Masked(keras.layers.Dense(1, kernel_initializer="ones"), structure="1x4")
+    model = keras.Model(inp, layer(inp))
+    layer.set_masks({"kernel": np.array([1, 1, 1, 1, 0, 0, 0, 0]).reshape(8, 1)}, zero_weights=True)
+    model.compile("sgd", "mse")
+    callback = GrowLast(update_freq=1, drop_fraction=1.0, decay="constant", end_step=10)
+    callback.attach(model)
+    callback.update_masks(model, 1)
+    np.testing.assert_array_equal(layer.get_masks()["kernel"].reshape(-1), [0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def test_resume_from_a_saved_file_keeps_the_structure(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="2:4", seed=0)
+    x, y = teacher_data((784,), 128)
+    _fit(model, keras_rigl.RigL(update_freq=2, end_step=16), "2:4", x, y, epochs=1)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    check = InvariantEveryBatch("2:4")
+    callback = keras_rigl.RigL(update_freq=2, end_step=16)
+    loaded.fit(x, y, batch_size=32, epochs=2, initial_epoch=1, callbacks=[callback, check], verbose=0)
+    assert check.checked == 4 and callback.updates["n_moved"].sum() > 0
+
+
+@pytest.mark.parametrize("spec", ["1x4", "2:4"])
+def test_rigl_fit_learns_lenet_300_100(spec):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure=spec, seed=0)
+    keras_rigl.rescale_active_weights(model)
+    x, y = teacher_data((784,), 512)
+    history = _fit(model, keras_rigl.RigL(update_freq=4), spec, x, y, epochs=4)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("spec", ["1x4", "2:4"])
+def test_rigl_fit_learns_a_cnn(spec):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(small_cnn(), 0.8, structure=spec, exclude=["conv1"], seed=0)
+    x, y = teacher_data((8, 8, 1), 512)
+    history = _fit(model, keras_rigl.RigL(update_freq=4), spec, x, y, epochs=4)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.8 * losses[0]
