@@ -21,8 +21,11 @@ unit are removed with it), elementwise activation layers, Dropout and noise
 layers (identity at inference), pooling and Flatten (channels last). The
 readers must be Dense or Conv1D/2D/3D (channels last, ``groups=1``). A
 constant channel read by a convolution with ``"same"``/``"causal"`` padding
-is not a constant contribution at the borders, so such a unit is removed only
-if its constant is exactly 0. Anything else on the way (a residual Add,
+is not a constant contribution at the borders (the padding reads zeros), so
+it cannot go into a bias: one such unit stays as a "carrier" and that
+convolution's kernel slice of every other one is added to the carrier's,
+scaled by the ratio of their constants (exact: both are constant channels
+under the same padding). A unit whose constant is 0 there goes. Anything else on the way (a residual Add,
 Concatenate, Reshape, a depthwise convolution, a nested model, a model
 output) keeps the unit: ``condense`` never changes what the model computes.
 The report says what was removed and what was kept and why.
@@ -292,6 +295,17 @@ def _constants(layer, work):
     return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
 
 
+def _exact_padding(layer):
+    """Whether a constant input channel gives the reader a constant output contribution (no zero padding)."""
+    return isinstance(layer, keras.layers.Dense) or layer.padding == "valid"
+
+
+def _rows(work, reader):
+    """The reader's working kernel as ``(taps, inputs, outputs)``."""
+    kernel = work.weights(reader.layer)["kernel"]
+    return kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1])
+
+
 def _plan_producer(graph, layer, work, report):
     """Decide which units of ``layer`` go and record the folds; returns the removed unit indices."""
     kernel = work.weights(layer)["kernel"]
@@ -304,24 +318,37 @@ def _plan_producer(graph, layer, work, report):
             report.kept[layer.name] = f"{int(no_inputs.sum())} units with no active inputs: {why}"
         return {}
     no_outputs = np.ones(n_units, dtype=bool)
-    foldable = no_inputs.copy()
     for reader in readers:
-        rkernel = work.weights(reader.layer)["kernel"]
-        rows = rkernel.reshape(-1, rkernel.shape[-2], rkernel.shape[-1])
-        exact_padding = isinstance(reader.layer, keras.layers.Dense) or reader.layer.padding == "valid"
+        rows = _rows(work, reader)
         for u, features in enumerate(reader.features):
             no_outputs[u] &= not np.any(rows[:, features, :] != 0)
-            if not exact_padding and np.any(reader.values[features] != 0):
-                foldable[u] = False  # zero padding at the borders would see a different constant
-    remove = no_outputs | foldable
+    # A constant channel read by a zero-padded convolution is not a constant at the borders, so it cannot
+    # go into a bias. It can go into another constant channel: one "carrier" unit stays and its kernel slice
+    # in that convolution takes the others' (scaled by the ratio of the constants): exact, one unit kept.
+    padded = [r for r in readers if not _exact_padding(r.layer)]
+    needs_carrier = np.zeros(n_units, dtype=bool)
+    for reader in padded:
+        for u, features in enumerate(reader.features):
+            needs_carrier[u] |= bool(no_inputs[u] and not no_outputs[u] and np.any(reader.values[features] != 0))
+    carrier = None
+    if needs_carrier.any():
+        wanted = [r for r in padded if any(np.any(r.values[r.features[u]] != 0) for u in np.flatnonzero(needs_carrier))]
+        for u in np.flatnonzero(needs_carrier):
+            if all(np.all(r.values[r.features[u]] != 0) for r in wanted):
+                carrier = int(u)
+                break
+    remove = no_outputs | no_inputs
+    if carrier is not None:
+        remove[carrier] = False
+    else:
+        remove &= ~needs_carrier  # no unit can carry the others: keep them all
     if remove.all():  # a layer keeps at least one unit (a zero-width tensor is not a layer)
         remove[np.flatnonzero(remove)[0]] = False
     vetoed = no_inputs & ~remove
     if vetoed.any():
-        report.kept[layer.name] = (
-            f"{int(vetoed.sum())} units with no active inputs: their non-zero constant is read by a "
-            "convolution with zero padding (or they are the layer's last unit)"
-        )
+        how = (f"unit {carrier} carries the constants of the removed ones into zero-padded convolutions"
+               if carrier is not None else "their non-zero constants are read by a zero-padded convolution")
+        report.kept[layer.name] = f"{int(vetoed.sum())} units with no active inputs: {how}"
     if not remove.any():
         return {}
     for reader in readers:
@@ -331,9 +358,14 @@ def _plan_producer(graph, layer, work, report):
         for u in np.flatnonzero(remove):
             features = reader.features[u]
             keep[features] = False
-            if not no_outputs[u]:  # its constant reaches the reader: fold it into the bias
-                taps = rkernel.reshape(-1, rkernel.shape[-2], rkernel.shape[-1])[:, features, :].sum(axis=0)
-                fold += reader.values[features] @ taps
+            if no_outputs[u] or not np.any(reader.values[features] != 0):
+                continue  # nothing of it reaches the reader
+            if _exact_padding(reader.layer):  # its constant contribution goes into the bias
+                fold += reader.values[features] @ _rows(work, reader)[:, features, :].sum(axis=0)
+            else:  # into the carrier's kernel slice (a single channel: one feature each)
+                into = reader.features[carrier][0]
+                scale = reader.values[features[0]] / reader.values[into]
+                rkernel[..., into, :] += scale * rkernel[..., features[0], :]
         if np.any(fold != 0):
             if "bias" not in work.weights(reader.layer):
                 work.add_bias.add(reader.layer.name)

@@ -128,11 +128,13 @@ def test_cnn_with_batch_norm_folds_through_bn_pooling_and_flatten():
     bn1 = sparse.get_layer("bn1")
     # c1 channel 4: no inputs and, through bn1 and ReLU, the constant exactly 0: c2's zero padding sees 0 too
     beta = keras.ops.convert_to_numpy(bn1.beta).copy()
+    beta[[0, 2]] = 1.0  # ... while channels 0 and 2 reach c2 as non-zero constants
     beta[4] = -100.0
     bn1.beta.assign(beta)
-    # c1 channel 2: no inputs, a non-zero constant read by c2 with "same" padding: must stay
+    # c1 channels 0 and 2: no inputs, non-zero constants read by c2 with "same" padding: not a bias (the border
+    # taps see zeros), so channel 0 stays and carries channel 2's constant in its kernel slice of c2
     c1 = np.ones((3, 3, 3, 6))
-    c1[..., [2, 4]] = 0
+    c1[..., [0, 2, 4]] = 0
     c2 = np.ones((3, 3, 6, 5))
     c2[..., 1] = 0  # c2 channel 1: no inputs, its constant reaches head through bn2, ReLU, pool, Flatten
     _set_mask(sparse, "c1", c1)
@@ -141,13 +143,13 @@ def test_cnn_with_batch_norm_folds_through_bn_pooling_and_flatten():
     small, report = keras_rigl.condense(sparse, return_report=True)
 
     _assert_same_outputs(sparse, small)
-    assert report.removed == {"c1": [4], "c2": [1]}
-    assert "c1" in report.kept and "padding" in report.kept["c1"]
+    assert report.removed == {"c1": [2, 4], "c2": [1]}
+    assert "unit 0 carries" in report.kept["c1"]
     before = (27 * 6 + 6) + 4 * 6 + (54 * 5 + 5) + 4 * 5 + (45 * 4 + 4)
-    after = (27 * 5 + 5) + 4 * 5 + (45 * 4 + 4) + 4 * 4 + (36 * 4 + 4)
+    after = (27 * 4 + 4) + 4 * 4 + (36 * 4 + 4) + 4 * 4 + (36 * 4 + 4)
     assert _params(keras_rigl.strip(sparse)) == before
     assert _params(small) == after
-    assert small.get_layer("bn1").gamma.shape == (5,)
+    assert small.get_layer("bn1").gamma.shape == (4,)
     assert small.get_layer("head").kernel.shape == (36, 4)
 
 
