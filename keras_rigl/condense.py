@@ -297,7 +297,9 @@ def _constants(layer, work):
 
 def _exact_padding(layer):
     """Whether a constant input channel gives the reader a constant output contribution (no zero padding)."""
-    return isinstance(layer, keras.layers.Dense) or layer.padding == "valid"
+    if isinstance(layer, keras.layers.Dense) or layer.padding == "valid":
+        return True
+    return all(int(k) == 1 for k in layer.kernel_size)  # a 1x1 kernel pads nothing under "same" either
 
 
 def _rows(work, reader):

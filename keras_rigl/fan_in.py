@@ -330,4 +330,5 @@ class FanIn(structures.Structure):
                              drop_scores=drop_scores, ablation_threshold=self.ablation_threshold)
 
 
-structures.register_structure(_parse, FanIn)
+structures.register_structure("fan_in", FanIn)  # listed by name in structure.get's error
+structures.register_structure(_parse, FanIn)  # "fan_in(0.5)"

@@ -172,6 +172,24 @@ def test_valid_padding_convolution_takes_a_non_zero_constant_channel():
     assert small.get_layer("c2").kernel.shape == (2, 3, 3)
 
 
+def test_a_one_by_one_convolution_with_same_padding_takes_constants_into_its_bias():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 5, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inp)
+    out = keras.layers.Conv2D(3, 1, padding="same", name="pointwise")(x)  # 1x1: no padding is ever read
+    sparse = keras_rigl.sparsify(keras.Model(inp, out), 0.0, distribution="uniform", seed=0)
+    _randomize_biases(sparse)
+    mask = np.ones((3, 3, 2, 4))
+    mask[..., [1, 2]] = 0  # relu(bias) > 0: two non-zero constants, no carrier needed
+    _set_mask(sparse, "c1", mask)
+
+    small, report = keras_rigl.condense(sparse, return_report=True)
+
+    _assert_same_outputs(sparse, small)
+    assert report.removed == {"c1": [1, 2]} and report.kept == {}
+    assert small.get_layer("pointwise").kernel.shape == (1, 1, 2, 3)
+
+
 def test_functional_branches_fold_into_every_reader_and_keep_what_an_add_reads():
     keras.utils.set_random_seed(0)
     inp = keras.Input((5,))

@@ -30,6 +30,8 @@ def test_structure_names_parse_and_configs_round_trip():
     assert keras_rigl.FanIn(0.5).spec == "fan_in(0.5)" and structure.get(keras_rigl.FanIn(0.5).spec) == keras_rigl.FanIn(0.5)
     config = structure.serialize(keras_rigl.FanIn(0.25))
     assert structure.get(config) == keras_rigl.FanIn(0.25)
+    with pytest.raises(ValueError, match="'fan_in'"):
+        structure.get("fanin")  # the error lists it
     for bad in (1.5, -0.1, "0.3", None):
         with pytest.raises(ValueError, match="ablation_threshold"):
             keras_rigl.FanIn(bad)
