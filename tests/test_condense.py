@@ -190,6 +190,50 @@ def test_a_one_by_one_convolution_with_same_padding_takes_constants_into_its_bia
     assert small.get_layer("pointwise").kernel.shape == (1, 1, 2, 3)
 
 
+def _depthwise_block(padding):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 1, name="pw0")(inp)
+    x = keras.layers.BatchNormalization(name="bn0")(x)
+    x = keras.layers.ReLU(6.0)(x)
+    if padding == "pad":
+        x = keras.layers.ZeroPadding2D(1)(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="valid", name="dw")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    out = keras.layers.Conv2D(3, 1, name="pw1")(x)
+    sparse = keras_rigl.sparsify(keras.Model(inp, out), 0.0, distribution="uniform", seed=0)
+    _randomize_biases(sparse)
+    rng = np.random.default_rng(4)
+    for name, width in (("bn0", 4), ("bn1", 8)):
+        bn = sparse.get_layer(name)
+        bn.moving_mean.assign(rng.uniform(-0.5, 0.5, width).astype("float32"))
+        bn.moving_variance.assign(rng.uniform(0.5, 2, width).astype("float32"))
+    beta = np.full(4, 0.5, "float32")
+    beta[1] = -100.0  # pw0 channel 1 reaches the depthwise convolution as exactly 0
+    sparse.get_layer("bn0").beta.assign(beta)
+    mask = np.ones((1, 1, 2, 4))
+    mask[..., [1, 2]] = 0  # channel 2 reaches it as a non-zero constant
+    _set_mask(sparse, "pw0", mask)
+    return sparse
+
+
+def test_depthwise_convolution_passes_constants_it_keeps_constant():
+    # ZeroPadding before the depthwise convolution: a 0 channel stays 0 (then its bias), a non-zero one does not
+    sparse = _depthwise_block("pad")
+    small, report = keras_rigl.condense(sparse, return_report=True)
+    _assert_same_outputs(sparse, small)
+    assert report.removed == {"pw0": [1]} and "zero padding" in report.kept["pw0"]
+    assert small.get_layer("dw").kernel.shape == (3, 3, 3, 2) and small.get_layer("dw").bias.shape == (6,)
+    assert small.get_layer("pw1").kernel.shape == (1, 1, 6, 3)
+    # no padding anywhere: both constants stay constants through the depthwise convolution into pw1's bias
+    sparse = _depthwise_block("valid")
+    small, report = keras_rigl.condense(sparse, return_report=True)
+    _assert_same_outputs(sparse, small)
+    assert report.removed == {"pw0": [1, 2]} and report.kept == {}
+    assert small.get_layer("dw").kernel.shape == (3, 3, 2, 2) and small.get_layer("pw1").kernel.shape == (1, 1, 4, 3)
+
+
 def test_functional_branches_fold_into_every_reader_and_keep_what_an_add_reads():
     keras.utils.set_random_seed(0)
     inp = keras.Input((5,))
