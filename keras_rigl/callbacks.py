@@ -127,11 +127,13 @@ class SparseTraining(keras.callbacks.Callback):
             ``True``: always compiled (an error says why it cannot be).
             ``False``: the NumPy reference (:func:`keras_rigl.updates.drop_and_grow`).
             Both select the same masks for the same seed.
-            Weights with a structure (``sparsify(..., structure="1x4")``) are
-            updated in NumPy by their structure's ``drop_and_grow``: a model
-            with any structured layer runs its whole update in NumPy (logged
-            once per callback at INFO on the ``"keras_rigl"`` logger;
-            ``compiled=True`` is refused).
+            Weights with a structure (``sparsify(..., structure="1x4")``):
+            "1xk" and "N:M" run compiled too
+            (:mod:`keras_rigl.compiled_structure`, the same masks as their
+            NumPy ``drop_and_grow``); a model with a structure that has no
+            compiled update runs its whole update in NumPy (logged once per
+            callback at INFO on the ``"keras_rigl"`` logger; ``compiled=True``
+            is refused).
     """
 
     #: which gradient the grow score needs: off, this step's, or its EMA
@@ -402,21 +404,24 @@ class SparseTraining(keras.callbacks.Callback):
         return results
 
     def _runs_compiled(self, layers):
-        """:meth:`_compiled_grow_by`, and None when a layer has a structure (those update in NumPy)."""
+        """:meth:`_compiled_grow_by`, and None when a layer's structure has no compiled update."""
+        from keras_rigl import compiled_structure
+
         grow_by = self._compiled_grow_by()
         if grow_by is None:
             return None
         structured = [f"{layer.name} ({layer.structure.spec})" for layer in layers
-                      if not isinstance(layer.structure, Unstructured)]
+                      if not compiled_structure.supported(layer.structure)]
         if not structured:
             return grow_by
         if self.compiled:
             raise ValueError(
-                f"{type(self).__name__}(compiled=True) cannot run compiled: structured layers {structured[:3]} "
-                "update in NumPy. Pass compiled=None (compiled when possible) or False."
+                f"{type(self).__name__}(compiled=True) cannot run compiled: the structures of layers "
+                f"{structured[:3]} have no compiled update. Pass compiled=None (compiled when possible) or False."
             )
         if not self._structure_logged:
-            logger.info("%s: structured layers %s: the mask update runs in NumPy (structure.drop_and_grow).",
+            logger.info("%s: layers %s have structures without a compiled update: the mask update runs in NumPy "
+                        "(structure.drop_and_grow).",
                         type(self).__name__, structured[:3])
             self._structure_logged = True
         return None
@@ -453,8 +458,10 @@ class SparseTraining(keras.callbacks.Callback):
         from keras_rigl import compiled_update
 
         weights = [item.masked_weight for item in items]
+        layer_structures = [item.layer.structure for item in items]
+        structured = any(not isinstance(s, Unstructured) for s in layer_structures)
         key = (tuple(id(mw.mask) for mw in weights), id(optimizer), self._compiled_grow_by(), self.reinit_regrown,
-               self.reset_optimizer_state)
+               self.reset_optimizer_state, tuple(s.spec for s in layer_structures))
         if self._compiled_update is None or self._compiled_key != key:
             # Kept on the model: a new callback (every fit, every benchmark round)
             # reuses the traced function instead of tracing it again.
@@ -464,8 +471,15 @@ class SparseTraining(keras.callbacks.Callback):
                 cache = {}
                 object.__setattr__(model, "_keras_rigl_compiled_updates", cache)
             if key not in cache:
-                cache[key] = compiled_update.CompiledUpdate(
+                from keras_rigl import compiled_structure
+
+                kind = compiled_update.CompiledUpdate
+                extra = {}
+                if structured:  # the structures' own selections; unstructured weights as before
+                    kind, extra = compiled_structure.StructuredCompiledUpdate, {"structures": layer_structures}
+                cache[key] = kind(
                     weights,
+                    **extra,
                     grow_by=self._compiled_grow_by(),
                     reinit_regrown=self.reinit_regrown,
                     optimizer=optimizer,

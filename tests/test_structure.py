@@ -482,17 +482,154 @@ def test_every_method_keeps_the_structure_at_every_update(method, spec):
             assert row["n_dropped"] % 4 == 0 and row["n_moved"] % 4 == 0
 
 
-def test_compiled_true_is_refused_and_none_falls_back_with_one_log_line(caplog):
-    model = keras_rigl.sparsify(small_cnn(), 0.8, structure="1x4", exclude=["conv1"], seed=0)
+@keras.saving.register_keras_serializable(package="keras_rigl_tests")
+class PlainBlocks(S.Blocks):
+    """A structure the compiled update does not know: the callbacks must fall back to NumPy."""
+
+
+def test_structure_without_compiled_update_refuses_true_and_falls_back_once(caplog):
+    model = keras_rigl.sparsify(small_cnn(), 0.8, structure=PlainBlocks(4), exclude=["conv1"], seed=0)
     x, y = teacher_data((8, 8, 1), 64)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(ValueError) as info:
         model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[keras_rigl.SET(update_freq=1, compiled=True)])
     assert "compiled=None" in str(info.value) and "\n" not in str(info.value)
+    callback = keras_rigl.SET(update_freq=1, drop_fraction=0.5)
     with caplog.at_level(logging.INFO, logger="keras_rigl"):
-        _fit(model, keras_rigl.SET(update_freq=1, drop_fraction=0.5), "1x4", x, y, epochs=2)
+        _fit(model, callback, "1x4", x, y, epochs=2)
+    assert callback._compiled_update is None and callback.updates["n_moved"].sum() > 0
     lines = [r for r in caplog.records if "runs in NumPy" in r.getMessage()]
     assert len(lines) == 1
+
+
+@pytest.mark.parametrize("spec", ["1x4", "2:4"])
+def test_rigl_numpy_path_keeps_the_structure(spec):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(small_cnn(), 0.8, structure=spec, exclude=["conv1"], seed=0)
+    callback = keras_rigl.RigL(update_freq=2, drop_fraction=0.5, compiled=False)
+    _fit(model, callback, spec, *teacher_data((8, 8, 1), 128))
+    assert callback._compiled_update is None and callback.updates["n_moved"].sum() > 0
+
+
+# ------------------------------------------------------ compiled == NumPy
+special_values = st.sampled_from(["none", "nan", "inf", "zeros"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.sampled_from(["1x2", "1x4", "2:4", "1:2", "3:4"]), st.floats(0, 1), st.integers(0, 2**32 - 1),
+       st.integers(0, 10**6), st.sampled_from([1, 3, 1000]), st.booleans(), special_values)
+def test_compiled_selection_is_bit_identical_to_numpy(shape_parts, spec, fraction, seed, draw, levels, reinit,
+                                                      special):
+    from keras_rigl import compiled_structure, compiled_update
+
+    structure = S.get(spec)
+    spatial, n_units, n_out = shape_parts
+    unit = structure.k if isinstance(structure, S.Blocks) else structure.m
+    shape = spatial + (n_units * unit, n_out)
+    rng = np.random.default_rng(draw)
+    n_active = int(rng.integers(0, structure.max_active(shape) // structure.unit(shape) + 1)) * structure.unit(shape)
+    mask = structure.initial_mask(shape, n_active, rng).astype("float32")
+    w = (rng.integers(-levels, levels + 1, shape) / levels).astype("float32") * mask  # ties when levels is small
+    grow = (rng.integers(0, levels + 1, shape) / levels).astype("float32")
+    if special != "none":
+        flat = grow.reshape(-1)
+        flat[rng.integers(0, flat.size, 2)] = {"nan": np.nan, "inf": np.inf, "zeros": 0.0}[special]
+    size = int(np.prod(shape))
+    f = fraction if 0 < n_active < size else 0.0  # both paths leave dense and empty weights alone
+    expected = structure.drop_and_grow(w, mask, grow, f, seed=seed, reinit_regrown=reinit)
+    seed_tensor = keras.ops.convert_to_tensor(seed, "int64")
+    fraction_tensor = keras.ops.convert_to_tensor(fraction, "float64")
+    if isinstance(structure, S.Blocks):
+        got = compiled_structure.select_blocks(w, mask, grow, fraction_tensor, seed_tensor, reinit, structure.k,
+                                               compiled_update.candidate_keys)
+    else:
+        got = compiled_structure.select_n_of_m(w, mask, grow, fraction_tensor, seed_tensor, reinit, structure.n,
+                                               structure.m)
+    new_active, grown, removed, (n, k, moved) = [keras.ops.convert_to_numpy(x) if not isinstance(x, tuple) else
+                                                 tuple(int(keras.ops.convert_to_numpy(v)) for v in x) for x in got]
+    np.testing.assert_array_equal(new_active, expected.new_mask != 0)
+    np.testing.assert_array_equal(grown, expected.grown)
+    np.testing.assert_array_equal(removed, expected.removed)
+    assert (n, moved) == (expected.n_active, expected.n_moved)
+    assert k == (expected.n_dropped if 0 < n_active < size else 0)
+
+
+def test_compiled_selection_by_hand():
+    from keras_rigl import compiled_structure, compiled_update
+
+    tensor = keras.ops.convert_to_tensor
+    # the hand-written N:M example above: full groups cannot grow
+    w = np.array([0.9, 0.8, 0, 0, 0.1, 0, 0, 0], "float32").reshape(8, 1)
+    mask = np.array([1, 1, 0, 0, 1, 0, 0, 0], "float32").reshape(8, 1)
+    grow = np.array([0, 0, 9, 8, 1, 2, 3, 0], "float32").reshape(8, 1)
+    for fraction, expected in [(0.34, [1, 1, 0, 0, 0, 0, 1, 0]), (0.67, [1, 0, 1, 0, 0, 0, 1, 0])]:
+        got = compiled_structure.select_n_of_m(w, mask, grow, tensor(fraction, "float64"), tensor(0, "int64"),
+                                               False, 2, 4)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(got[0]).reshape(-1), expected)
+    # the hand-written 1x2 example above: block sums, not the largest entry
+    w = np.array([[0.9, 0.1], [0.8, 0.2], [0.0, 0.3], [0.0, 0.05]], "float32")
+    mask = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], "float32")
+    grow = np.array([[0, 5], [0, 0], [3, 0], [3, 0]], "float32")
+    got = compiled_structure.select_blocks(w, mask, grow, tensor(0.5, "float64"), tensor(0, "int64"), False, 2,
+                                           compiled_update.candidate_keys)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(got[0]), [[1, 0], [1, 0], [1, 1], [1, 1]])
+    assert tuple(int(keras.ops.convert_to_numpy(v)) for v in got[3]) == (6, 2, 2)
+
+
+@pytest.mark.parametrize("grow_by,reinit", [("gradient", False), ("random", True)])
+def test_whole_model_structured_update_equals_the_numpy_path(grow_by, reinit):
+    from keras_rigl import compiled_structure, optimizer_state
+
+    inp = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    model = keras.Model(inp, keras.layers.Dense(10, name="out")(x))
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(model, 0.8, structure="1x4", seed=0, exclude=["out"])
+    # one layer of each kind: 1x4 conv, 2:4 dense, unstructured output
+    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    layers = keras_rigl.masked_layers(model)
+    object.__setattr__(layers[1], "_structure", S.get("2:4"))
+    layers[1].set_masks({"kernel": S.get("2:4").initial_mask((288, 16), 500, np.random.default_rng(1))})
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=(32, 8, 8, 4)).astype("float32"), rng.integers(0, 10, 32)
+    for layer in layers:
+        layer.set_capture_mode(1)
+    model.fit(xs, ys, batch_size=16, epochs=1, verbose=0)
+    weights = [mw for layer in layers for mw in layer.masked_weights]
+    structures_ = [layer.structure for layer in layers for _ in layer.masked_weights]
+    seeds = [updates.update_seed(5, 100, i + 1) for i in range(len(weights))]
+    expected = []
+    for mw, structure, seed in zip(weights, structures_, seeds):
+        w, m = keras.ops.convert_to_numpy(mw.weight), keras.ops.convert_to_numpy(mw.mask)
+        scores = (np.abs(keras.ops.convert_to_numpy(mw.capture.read())) if grow_by == "gradient"
+                  else updates.random_scores(m.shape, seed))
+        r = structure.drop_and_grow(w, m, scores, 0.3, seed=seed, reinit_regrown=reinit)
+        slots = [np.where(r.grown | r.removed, reset, keras.ops.convert_to_numpy(s))
+                 for s, reset in optimizer_state.slot_variables(model.optimizer, mw.weight)]
+        expected.append((r, np.where(r.grown, 0, w) * r.new_mask, slots))
+    assert all(r.n_moved > 0 for r, _, _ in expected)
+    update = compiled_structure.StructuredCompiledUpdate(weights, structures=structures_, grow_by=grow_by,
+                                                         reinit_regrown=reinit, optimizer=model.optimizer)
+    counts = update(0.3, seeds)
+    for i, (mw, (r, new_w, slots)) in enumerate(zip(weights, expected)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.mask), r.new_mask)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.weight), new_w)
+        got = [keras.ops.convert_to_numpy(s) for s, _ in optimizer_state.slot_variables(model.optimizer, mw.weight)]
+        for a, b in zip(got, slots):
+            np.testing.assert_array_equal(a, b)
+        assert (counts.n_active[i], counts.n_dropped[i], counts.n_moved[i]) == (r.n_active, r.n_dropped, r.n_moved)
+
+
+def test_fit_takes_the_compiled_structured_path_by_default():
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(small_cnn(), 0.8, structure="2:4", exclude=["conv1"], seed=0)
+    callback = keras_rigl.RigL(update_freq=2, drop_fraction=0.5)
+    _fit(model, callback, "2:4", *teacher_data((8, 8, 1), 64))
+    from keras_rigl import compiled_structure
+
+    assert isinstance(callback._compiled_update, compiled_structure.StructuredCompiledUpdate)
 
 
 def test_grow_scores_hook_is_reduced_by_the_structure():
