@@ -303,11 +303,9 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
     keys = _weight_keys(layers)
     shapes = {k: tuple(mw.weight.shape) for k, (_, mw) in keys.items()}
     if structure is not None:
-        for key, (layer, mw) in keys.items():
+        for key in keys:
             structure.check_shape(shapes[key], key)
-        for layer in layers:
-            object.__setattr__(layer, "_structure", structure)
-    kept = {k: layer.structure for k, (layer, _) in keys.items()}
+    kept = {k: structure or layer.structure for k, (layer, _) in keys.items()}
     densities = distributions.layer_densities(
         shapes, sparsity, distribution, per_layer=_expand_per_layer(per_layer, keys),
         max_densities={k: kept[k].max_density(shapes[k]) for k in keys},
@@ -316,6 +314,9 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
         shapes, densities, units={k: kept[k].unit(shapes[k]) for k in keys},
         capacities={k: kept[k].max_active(shapes[k]) for k in keys},
     )
+    if structure is not None:  # only now: a refused sparsity leaves the layers as they were
+        for layer in layers:
+            object.__setattr__(layer, "_structure", structure)
     rng = np.random.default_rng(seed)
     for index, (key, (layer, mw)) in enumerate(keys.items()):
         w = keras.ops.convert_to_numpy(mw.weight)

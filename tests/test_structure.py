@@ -684,3 +684,15 @@ def test_rigl_fit_learns_a_cnn(spec):
     history = _fit(model, keras_rigl.RigL(update_freq=4), spec, x, y, epochs=4)
     losses = history.history["loss"]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_initialize_masks_refused_leaves_the_layers_as_they_were():
+    inp = keras.Input((16,))
+    layer = keras_rigl.Masked(keras.layers.Dense(8))
+    model = keras.Model(inp, layer(inp))
+    keras_rigl.initialize_masks(model, 0.3, distribution="erk", seed=0)
+    before = layer.get_masks()["kernel"]
+    with pytest.raises(ValueError, match="sparsity >= 0.5"):
+        keras_rigl.initialize_masks(model, 0.3, structure="2:4", seed=0)  # 2:4 allows at most half
+    assert isinstance(layer.structure, S.Unstructured)
+    np.testing.assert_array_equal(layer.get_masks()["kernel"], before)
