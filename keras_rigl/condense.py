@@ -18,13 +18,20 @@ output beyond float rounding:
 What lies between a unit and the layers that read it must keep the unit's
 channel separate: BatchNormalization (on the last axis; its entries for the
 unit are removed with it), elementwise activation layers, Dropout and noise
-layers (identity at inference), pooling and Flatten (channels last). The
+layers (identity at inference), pooling and Flatten (channels last), and
+DepthwiseConv1D/2D (the unit's depthwise channels are removed with it) and
+ZeroPadding. A constant stays a constant through a depthwise convolution
+without padding; under zero padding (ZeroPadding, a "same" depthwise
+convolution) only a constant that is exactly 0 does (the padding reads the
+same 0), so a unit with a non-zero constant there is kept. The
 readers must be Dense or Conv1D/2D/3D (channels last, ``groups=1``). A
 constant channel read by a convolution with ``"same"``/``"causal"`` padding
-is not a constant contribution at the borders, so such a unit is removed only
-if its constant is exactly 0. Anything else on the way (a residual Add,
-Concatenate, Reshape, a depthwise convolution, a nested model, a model
-output) keeps the unit: ``condense`` never changes what the model computes.
+is not a constant contribution at the borders (the padding reads zeros), so
+it cannot go into a bias: one such unit stays as a "carrier" and that
+convolution's kernel slice of every other one is added to the carrier's,
+scaled by the ratio of their constants (exact: both are constant channels
+under the same padding). A unit whose constant is 0 there goes. Anything else on the way (a residual Add,
+Concatenate, Reshape, a nested model, a model output) keeps the unit: ``condense`` never changes what the model computes.
 The report says what was removed and what was kept and why.
 
 Removing one unit can make another removable (a unit whose only reader was
@@ -78,6 +85,7 @@ _POOLING = (
     keras.layers.GlobalAveragePooling3D,
 )
 _ELEMENTWISE_LAYERS = (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)
+_ZERO_PADDING = (keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D)
 
 NO_INPUTS = "no active inputs"
 NO_OUTPUTS = "no active outputs"
@@ -130,6 +138,7 @@ class _Reader:
     layer: keras.layers.Layer
     features: list  # per candidate unit: int array of indices into the reader's input last axis
     values: np.ndarray  # the constant value at every index of the reader's input last axis
+    fragile: np.ndarray  # per unit: a zero padding on the way saw a non-zero constant (no longer constant)
 
 
 def _is_elementwise_activation(fn):
@@ -188,15 +197,25 @@ class _Graph:
             return None
 
 
-def _through(layer, values, features):
-    """Carry the units through a layer that keeps channels apart: (new values, new features), or raise _Blocked."""
+def _through(layer, values, features, fragile):
+    """Carry the units through a layer that keeps channels apart: (values, features, fragile), or raise _Blocked.
+
+    ``fragile[u]``: the unit's channel met zero padding while non-zero, so past that point it is no longer
+    a constant; such a unit can still go if nothing reads it, but its constant cannot be folded.
+    """
     name = f"{layer.name} ({type(layer).__name__})"
     if isinstance(layer, _IDENTITY_AT_INFERENCE):
-        return values, features
+        return values, features, fragile
     if isinstance(layer, _POOLING):
         if not _channels_last(layer):
             raise _Blocked(f"{name} is channels_first")
-        return values, features
+        return values, features, fragile
+    if isinstance(layer, _ZERO_PADDING):
+        if not _channels_last(layer):
+            raise _Blocked(f"{name} is channels_first")
+        return values, features, fragile | _non_zero(values, features)
+    if _is_depthwise(layer):
+        return _through_depthwise(layer, values, features, fragile)
     if isinstance(layer, keras.layers.Flatten):
         if not _channels_last(layer):
             raise _Blocked(f"{name} is channels_first")
@@ -204,17 +223,49 @@ def _through(layer, values, features):
         positions = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
         width = values.shape[0]
         offsets = np.arange(positions) * width
-        return np.tile(values, positions), [(offsets[:, None] + f[None, :]).reshape(-1) for f in features]
+        new_features = [(offsets[:, None] + f[None, :]).reshape(-1) for f in features]
+        return np.tile(values, positions), new_features, fragile
     if isinstance(layer, keras.layers.BatchNormalization):
         rank = len(layer.input.shape)
         if layer.axis not in (-1, rank - 1):
             raise _Blocked(f"{name} normalises axis {layer.axis}, not the last")
-        return _apply(layer, values, rank), features
+        return _apply(layer, values, rank), features, fragile
     if isinstance(layer, _ELEMENTWISE_LAYERS) or (
         isinstance(layer, keras.layers.Activation) and _is_elementwise_activation(layer.activation)
     ):
-        return _apply(layer, values, len(layer.input.shape)), features
+        return _apply(layer, values, len(layer.input.shape)), features, fragile
     raise _Blocked(f"read by {name}")
+
+
+def _is_depthwise(layer):
+    return type(layer).__name__ in ("DepthwiseConv1D", "DepthwiseConv2D")
+
+
+def _non_zero(values, features):
+    return np.array([bool(np.any(values[f] != 0)) for f in features])
+
+
+def _through_depthwise(layer, values, features, fragile):
+    """A depthwise convolution maps input channel j to output channels ``j * multiplier + m``.
+
+    A constant channel stays constant through it without padding (``valid``, or a 1x1 kernel), and a
+    channel that is exactly 0 stays constant (its bias) under zero padding too, since the padding reads
+    the same 0.
+    """
+    if not _channels_last(layer) or not _is_elementwise_activation(layer.activation):
+        raise _Blocked(f"read by {layer.name} ({type(layer).__name__})")
+    kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), dtype=np.float64)
+    multiplier = kernel.shape[-1]
+    taps = kernel.reshape(-1, kernel.shape[-2], multiplier).sum(axis=0)  # (channels, multiplier)
+    out = (values[:, None] * taps).reshape(-1)
+    if layer.use_bias:
+        out = out + np.asarray(keras.ops.convert_to_numpy(layer.bias), dtype=np.float64)
+    out = np.asarray(keras.ops.convert_to_numpy(layer.activation(keras.ops.convert_to_tensor(
+        out.astype(layer.compute_dtype)))), dtype=np.float64)
+    if not _exact_padding(layer):
+        fragile = fragile | _non_zero(values, features)
+    new_features = [(f[:, None] * multiplier + np.arange(multiplier)[None, :]).reshape(-1) for f in features]
+    return out, new_features, fragile
 
 
 def _apply(layer, values, rank):
@@ -230,25 +281,25 @@ def _trace(graph, producer, values, n_units):
     start = graph.output_of(producer)
     if start is None:
         raise _Blocked("the layer is shared or has several outputs")
-    pending = [(start, values, [np.array([u]) for u in range(n_units)])]
+    pending = [(start, values, [np.array([u]) for u in range(n_units)], np.zeros(n_units, dtype=bool))]
     while pending:
-        tensor, values, features = pending.pop()
+        tensor, values, features, fragile = pending.pop()
         if id(tensor) in graph.outputs:
             raise _Blocked("its output is a model output")
         for layer in graph.readers.get(id(tensor), []):
             if id(layer) in graph.shared:
                 raise _Blocked(f"read by the shared layer {layer.name}")
             if _is_reader(layer):
-                readers.append(_Reader(layer, features, values))
+                readers.append(_Reader(layer, features, values, fragile))
                 continue
             if len(keras.tree.flatten(layer.input)) != 1:
                 raise _Blocked(f"read by {layer.name} ({type(layer).__name__}), which merges tensors")
-            new_values, new_features = _through(layer, values, features)
+            new_values, new_features, new_fragile = _through(layer, values, features, fragile)
             out = graph.output_of(layer)
             if out is None:
                 raise _Blocked(f"read by {layer.name} with several outputs")
             between.append((layer, features))
-            pending.append((out, new_values, new_features))
+            pending.append((out, new_values, new_features, new_fragile))
     return readers, between
 
 
@@ -292,6 +343,19 @@ def _constants(layer, work):
     return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)
 
 
+def _exact_padding(layer):
+    """Whether a constant input channel gives the reader a constant output contribution (no zero padding)."""
+    if isinstance(layer, keras.layers.Dense) or layer.padding == "valid":
+        return True
+    return all(int(k) == 1 for k in layer.kernel_size)  # a 1x1 kernel pads nothing under "same" either
+
+
+def _rows(work, reader):
+    """The reader's working kernel as ``(taps, inputs, outputs)``."""
+    kernel = work.weights(reader.layer)["kernel"]
+    return kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1])
+
+
 def _plan_producer(graph, layer, work, report):
     """Decide which units of ``layer`` go and record the folds; returns the removed unit indices."""
     kernel = work.weights(layer)["kernel"]
@@ -304,24 +368,50 @@ def _plan_producer(graph, layer, work, report):
             report.kept[layer.name] = f"{int(no_inputs.sum())} units with no active inputs: {why}"
         return {}
     no_outputs = np.ones(n_units, dtype=bool)
-    foldable = no_inputs.copy()
     for reader in readers:
-        rkernel = work.weights(reader.layer)["kernel"]
-        rows = rkernel.reshape(-1, rkernel.shape[-2], rkernel.shape[-1])
-        exact_padding = isinstance(reader.layer, keras.layers.Dense) or reader.layer.padding == "valid"
+        rows = _rows(work, reader)
         for u, features in enumerate(reader.features):
             no_outputs[u] &= not np.any(rows[:, features, :] != 0)
-            if not exact_padding and np.any(reader.values[features] != 0):
-                foldable[u] = False  # zero padding at the borders would see a different constant
-    remove = no_outputs | foldable
+    # A non-zero constant that met zero padding on the way (ZeroPadding, a "same" depthwise convolution)
+    # is no longer a constant: such a unit stays unless nothing reads it.
+    fragile = np.zeros(n_units, dtype=bool)
+    for reader in readers:
+        fragile |= reader.fragile
+    blocked = no_inputs & ~no_outputs & fragile
+    # A constant channel read by a zero-padded convolution is not a constant at the borders, so it cannot
+    # go into a bias. It can go into another constant channel: one "carrier" unit stays and its kernel slice
+    # in that convolution takes the others' (scaled by the ratio of the constants): exact, one unit kept.
+    padded = [r for r in readers if not _exact_padding(r.layer)]
+    needs_carrier = np.zeros(n_units, dtype=bool)
+    for reader in padded:
+        for u, features in enumerate(reader.features):
+            needs_carrier[u] |= bool(no_inputs[u] and not no_outputs[u] and not blocked[u]
+                                     and np.any(reader.values[features] != 0))
+    carrier = None
+    if needs_carrier.any():
+        wanted = [r for r in padded if any(np.any(r.values[r.features[u]] != 0) for u in np.flatnonzero(needs_carrier))]
+        for u in np.flatnonzero(needs_carrier):
+            if all(np.all(r.values[r.features[u]] != 0) for r in wanted):
+                carrier = int(u)
+                break
+    remove = no_outputs | (no_inputs & ~blocked)
+    if carrier is not None:
+        remove[carrier] = False
+    else:
+        remove &= ~needs_carrier  # no unit can carry the others: keep them all
     if remove.all():  # a layer keeps at least one unit (a zero-width tensor is not a layer)
         remove[np.flatnonzero(remove)[0]] = False
     vetoed = no_inputs & ~remove
     if vetoed.any():
-        report.kept[layer.name] = (
-            f"{int(vetoed.sum())} units with no active inputs: their non-zero constant is read by a "
-            "convolution with zero padding (or they are the layer's last unit)"
-        )
+        why = []
+        if blocked.any():
+            why.append(f"{int(blocked.sum())} with a non-zero constant that meets zero padding (ZeroPadding, "
+                       "a 'same' depthwise convolution) on the way")
+        if carrier is not None:
+            why.append(f"unit {carrier} carries the constants of the removed ones into zero-padded convolutions")
+        elif needs_carrier.any():
+            why.append("their non-zero constants are read by a zero-padded convolution")
+        report.kept[layer.name] = f"{int(vetoed.sum())} units with no active inputs: {'; '.join(why) or 'last unit'}"
     if not remove.any():
         return {}
     for reader in readers:
@@ -331,15 +421,20 @@ def _plan_producer(graph, layer, work, report):
         for u in np.flatnonzero(remove):
             features = reader.features[u]
             keep[features] = False
-            if not no_outputs[u]:  # its constant reaches the reader: fold it into the bias
-                taps = rkernel.reshape(-1, rkernel.shape[-2], rkernel.shape[-1])[:, features, :].sum(axis=0)
-                fold += reader.values[features] @ taps
+            if no_outputs[u] or not np.any(reader.values[features] != 0):
+                continue  # nothing of it reaches the reader
+            if _exact_padding(reader.layer):  # its constant contribution goes into the bias
+                fold += reader.values[features] @ _rows(work, reader)[:, features, :].sum(axis=0)
+            else:  # into the carrier's kernel slice (a single channel: one feature each)
+                into = reader.features[carrier][0]
+                scale = reader.values[features[0]] / reader.values[into]
+                rkernel[..., into, :] += scale * rkernel[..., features[0], :]
         if np.any(fold != 0):
             if "bias" not in work.weights(reader.layer):
                 work.add_bias.add(reader.layer.name)
             work.bias(reader.layer)[...] += fold
     for through, features in between:
-        if isinstance(through, keras.layers.BatchNormalization):
+        if isinstance(through, keras.layers.BatchNormalization) or _is_depthwise(through):
             width = through.input.shape[-1]
             keep = work.keep_features.setdefault(through.name, np.ones(width, dtype=bool))
             for u in np.flatnonzero(remove):
@@ -382,7 +477,12 @@ def _rebuild(model, work):
             if variable.name == "kernel" and source.name in work.keep_in:
                 value = value[..., work.keep_in[source.name], :]
             if source.name in work.keep_features:
-                value = value[work.keep_features[source.name]]
+                keep = work.keep_features[source.name]
+                if _is_depthwise(source):  # kernel (..., channels, multiplier); bias per (channel, multiplier)
+                    multiplier = arrays["kernel"].shape[-1]
+                    value = value[..., keep, :] if variable.name == "kernel" else value[np.repeat(keep, multiplier)]
+                else:
+                    value = value[keep]
             variable.assign(value.astype(variable.dtype))
     return clone
 

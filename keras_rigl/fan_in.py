@@ -13,10 +13,11 @@ entries over all other axes (``dense_fan_in(shape)`` possible).
 
 The counting rule (all functions below keep it):
 
-* The layer's **budget** ``B`` is a multiple of its units: :func:`fan_in_count`
-  rounds the count a distribution gives to the nearest multiple (at least
-  one input per unit, at most dense), so a model's total differs from its
-  target by less than half a fan-in step per layer (``units / 2``).
+* The layer's **budget** ``B`` is a multiple of its units (the structure's
+  ``unit``): ``sparsify`` / ``initialize_masks`` count every layer in whole
+  units (:func:`keras_rigl.distributions.active_counts`: the model total is
+  the achievable total nearest to the target); :func:`fan_in_count` rounds a
+  single count to the nearest multiple (at least one input per unit).
 * With ``alive`` units not ablated, each has fan-in ``F = B // alive`` and
   the layer holds ``alive * F`` active weights: exactly ``B`` when nothing
   is ablated, and at most ``alive - 1`` fewer after an ablation (SRigL's
@@ -330,4 +331,5 @@ class FanIn(structures.Structure):
                              drop_scores=drop_scores, ablation_threshold=self.ablation_threshold)
 
 
-structures.register_structure(_parse, FanIn)
+structures.register_structure("fan_in", FanIn)  # listed by name in structure.get's error
+structures.register_structure(_parse, FanIn)  # "fan_in(0.5)"

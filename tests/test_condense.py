@@ -128,11 +128,13 @@ def test_cnn_with_batch_norm_folds_through_bn_pooling_and_flatten():
     bn1 = sparse.get_layer("bn1")
     # c1 channel 4: no inputs and, through bn1 and ReLU, the constant exactly 0: c2's zero padding sees 0 too
     beta = keras.ops.convert_to_numpy(bn1.beta).copy()
+    beta[[0, 2]] = 1.0  # ... while channels 0 and 2 reach c2 as non-zero constants
     beta[4] = -100.0
     bn1.beta.assign(beta)
-    # c1 channel 2: no inputs, a non-zero constant read by c2 with "same" padding: must stay
+    # c1 channels 0 and 2: no inputs, non-zero constants read by c2 with "same" padding: not a bias (the border
+    # taps see zeros), so channel 0 stays and carries channel 2's constant in its kernel slice of c2
     c1 = np.ones((3, 3, 3, 6))
-    c1[..., [2, 4]] = 0
+    c1[..., [0, 2, 4]] = 0
     c2 = np.ones((3, 3, 6, 5))
     c2[..., 1] = 0  # c2 channel 1: no inputs, its constant reaches head through bn2, ReLU, pool, Flatten
     _set_mask(sparse, "c1", c1)
@@ -141,13 +143,13 @@ def test_cnn_with_batch_norm_folds_through_bn_pooling_and_flatten():
     small, report = keras_rigl.condense(sparse, return_report=True)
 
     _assert_same_outputs(sparse, small)
-    assert report.removed == {"c1": [4], "c2": [1]}
-    assert "c1" in report.kept and "padding" in report.kept["c1"]
+    assert report.removed == {"c1": [2, 4], "c2": [1]}
+    assert "unit 0 carries" in report.kept["c1"]
     before = (27 * 6 + 6) + 4 * 6 + (54 * 5 + 5) + 4 * 5 + (45 * 4 + 4)
-    after = (27 * 5 + 5) + 4 * 5 + (45 * 4 + 4) + 4 * 4 + (36 * 4 + 4)
+    after = (27 * 4 + 4) + 4 * 4 + (36 * 4 + 4) + 4 * 4 + (36 * 4 + 4)
     assert _params(keras_rigl.strip(sparse)) == before
     assert _params(small) == after
-    assert small.get_layer("bn1").gamma.shape == (5,)
+    assert small.get_layer("bn1").gamma.shape == (4,)
     assert small.get_layer("head").kernel.shape == (36, 4)
 
 
@@ -168,6 +170,68 @@ def test_valid_padding_convolution_takes_a_non_zero_constant_channel():
     _assert_same_outputs(sparse, small)
     assert report.removed == {"c1": [0]}
     assert small.get_layer("c2").kernel.shape == (2, 3, 3)
+
+
+def test_a_one_by_one_convolution_with_same_padding_takes_constants_into_its_bias():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 5, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inp)
+    out = keras.layers.Conv2D(3, 1, padding="same", name="pointwise")(x)  # 1x1: no padding is ever read
+    sparse = keras_rigl.sparsify(keras.Model(inp, out), 0.0, distribution="uniform", seed=0)
+    _randomize_biases(sparse)
+    mask = np.ones((3, 3, 2, 4))
+    mask[..., [1, 2]] = 0  # relu(bias) > 0: two non-zero constants, no carrier needed
+    _set_mask(sparse, "c1", mask)
+
+    small, report = keras_rigl.condense(sparse, return_report=True)
+
+    _assert_same_outputs(sparse, small)
+    assert report.removed == {"c1": [1, 2]} and report.kept == {}
+    assert small.get_layer("pointwise").kernel.shape == (1, 1, 2, 3)
+
+
+def _depthwise_block(padding):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 1, name="pw0")(inp)
+    x = keras.layers.BatchNormalization(name="bn0")(x)
+    x = keras.layers.ReLU(6.0)(x)
+    if padding == "pad":
+        x = keras.layers.ZeroPadding2D(1)(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="valid", name="dw")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    out = keras.layers.Conv2D(3, 1, name="pw1")(x)
+    sparse = keras_rigl.sparsify(keras.Model(inp, out), 0.0, distribution="uniform", seed=0)
+    _randomize_biases(sparse)
+    rng = np.random.default_rng(4)
+    for name, width in (("bn0", 4), ("bn1", 8)):
+        bn = sparse.get_layer(name)
+        bn.moving_mean.assign(rng.uniform(-0.5, 0.5, width).astype("float32"))
+        bn.moving_variance.assign(rng.uniform(0.5, 2, width).astype("float32"))
+    beta = np.full(4, 0.5, "float32")
+    beta[1] = -100.0  # pw0 channel 1 reaches the depthwise convolution as exactly 0
+    sparse.get_layer("bn0").beta.assign(beta)
+    mask = np.ones((1, 1, 2, 4))
+    mask[..., [1, 2]] = 0  # channel 2 reaches it as a non-zero constant
+    _set_mask(sparse, "pw0", mask)
+    return sparse
+
+
+def test_depthwise_convolution_passes_constants_it_keeps_constant():
+    # ZeroPadding before the depthwise convolution: a 0 channel stays 0 (then its bias), a non-zero one does not
+    sparse = _depthwise_block("pad")
+    small, report = keras_rigl.condense(sparse, return_report=True)
+    _assert_same_outputs(sparse, small)
+    assert report.removed == {"pw0": [1]} and "zero padding" in report.kept["pw0"]
+    assert small.get_layer("dw").kernel.shape == (3, 3, 3, 2) and small.get_layer("dw").bias.shape == (6,)
+    assert small.get_layer("pw1").kernel.shape == (1, 1, 6, 3)
+    # no padding anywhere: both constants stay constants through the depthwise convolution into pw1's bias
+    sparse = _depthwise_block("valid")
+    small, report = keras_rigl.condense(sparse, return_report=True)
+    _assert_same_outputs(sparse, small)
+    assert report.removed == {"pw0": [1, 2]} and report.kept == {}
+    assert small.get_layer("dw").kernel.shape == (3, 3, 2, 2) and small.get_layer("pw1").kernel.shape == (1, 1, 4, 3)
 
 
 def test_functional_branches_fold_into_every_reader_and_keep_what_an_add_reads():

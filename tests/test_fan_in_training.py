@@ -30,6 +30,8 @@ def test_structure_names_parse_and_configs_round_trip():
     assert keras_rigl.FanIn(0.5).spec == "fan_in(0.5)" and structure.get(keras_rigl.FanIn(0.5).spec) == keras_rigl.FanIn(0.5)
     config = structure.serialize(keras_rigl.FanIn(0.25))
     assert structure.get(config) == keras_rigl.FanIn(0.25)
+    with pytest.raises(ValueError, match="'fan_in'"):
+        structure.get("fanin")  # the error lists it
     for bad in (1.5, -0.1, "0.3", None):
         with pytest.raises(ValueError, match="ablation_threshold"):
             keras_rigl.FanIn(bad)
@@ -117,6 +119,13 @@ def test_rigl_fan_in_then_condense_gives_the_same_outputs_with_fewer_parameters(
     # conv3 is read through Flatten by fc1 (a Dense): its ablated channels go whatever their constant
     conv3_ablated = np.flatnonzero(fan_in.ablated_units(masks["conv3"])).tolist()
     assert set(conv3_ablated) <= set(report.removed.get("conv3", []))
+    # conv1 and conv2 are read by "same"-padded convolutions: all their ablated channels go but one carrier
+    ablated = 0
+    for name in ("conv1", "conv2"):
+        channels = set(np.flatnonzero(fan_in.ablated_units(masks[name])).tolist())
+        assert len(channels - set(report.removed.get(name, []))) <= 1, (name, str(report))
+        ablated += len(channels)
+    assert ablated + len(conv3_ablated) > 0, str(report)  # gamma_sal 0.9 ablates channels here
     assert small.count_params() < keras_rigl.strip(sparse).count_params()
     assert small.get_layer("fc1").units == 64 - int(fc1_gone.sum())
 
