@@ -625,25 +625,38 @@ class SparseTraining(keras.callbacks.Callback):
                     stacklevel=2,
                 )
 
+    def _model_at(self, step):
+        """The model for the hooks of ``step``: on JAX synced only when the step reads or writes variables."""
+        if keras.backend.backend() != "jax" or self.is_update_step(step) or self.gradient_mode == gradient_capture.MODE_EMA:
+            return self.model
+        return _compat.model_without_state_sync(self)
+
     def on_train_batch_begin(self, batch, logs=None):
-        self.before_step(self.model, self.step + 1)
+        model = self._model_at(self.step + 1)
+        self.before_step(model, self.step + 1)
         if self._plain_function is not None and self.gradient_mode == gradient_capture.MODE_STORE:
             if self.is_update_step(self.step + 1):
-                self._use_step_function(self.model, gradient_capture.TRACE_STORE)
+                self._use_step_function(model, gradient_capture.TRACE_STORE)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._plain_function is not None and self.gradient_mode == gradient_capture.MODE_STORE:
             self._use_step_function(self.model, gradient_capture.TRACE_OFF)
-        # Optimizer steps, not batches: a step skipped by a LossScaleOptimizer
-        # does not advance the plan (and never updates twice).
-        step = self._optimizer_step(self.model)
+        if keras.backend.backend() == "jax":
+            # Batches: reading optimizer.iterations would sync every variable each batch
+            # (see _compat.model_without_state_sync); steps_per_execution is 1 here.
+            step = self.step + 1
+        else:
+            # Optimizer steps, not batches: a step skipped by a LossScaleOptimizer
+            # does not advance the plan (and never updates twice).
+            step = self._optimizer_step(self.model)
         if step != self.step:
             self.step = step
-            if self.after_step(self.model, step, self.model.optimizer):
-                self._sparsity = self.current_sparsity(self.model)
+            model = self._model_at(step)
+            if self.after_step(model, step, model.optimizer):
+                self._sparsity = self.current_sparsity(model)
                 self._itop = self.itop_rate()
         if logs is not None:
-            logs.update(self._log_values(self.model))
+            logs.update(self._log_values(_compat.model_without_state_sync(self)))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
