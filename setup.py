@@ -10,16 +10,21 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "keras>=3.12",  # the oldest Keras TensorFlow 2.21 takes; checked as in README "Keras versions"
-        "tensorflow>=2.21",
         "numpy",
         "pandas",
     ],
     extras_require={
         # tf_keras pins TensorFlow's minor version (tf_keras 2.21 needs tensorflow 2.21.*): left unpinned here,
         # pip picks the tf_keras that matches the TensorFlow it installs. The tests run TFMOT pruning for real.
-        "test": ["pytest", "hypothesis", "tensorboard", "mlxtend", "scikit-learn", "matplotlib",
-                 "ai-edge-litert; platform_system=='Linux'", "tf_keras", "tensorflow-model-optimization>=0.8"],
-        "examples": ["matplotlib", "mlxtend", "scikit-learn", "ai-edge-litert; platform_system=='Linux'", "tqdm"],
+        # The backend is an extra: TensorFlow (the default backend, and TFLite export), JAX or PyTorch.
+        "tensorflow": ["tensorflow>=2.21"],
+        "test": ["tensorflow>=2.21", "pytest", "pytest-xdist", "hypothesis", "tensorboard", "mlxtend", "scikit-learn",
+                 "matplotlib", "ai-edge-litert; platform_system=='Linux'", "tf_keras",
+                 "tensorflow-model-optimization>=0.8"],
+        # the backend-independent tests on JAX / PyTorch (a second environment, without TensorFlow)
+        "test-backends": ["pytest", "hypothesis", "scipy", "mlxtend", "scikit-learn", "matplotlib"],
+        "examples": ["tensorflow>=2.21", "matplotlib", "mlxtend", "scikit-learn", "ai-edge-litert; platform_system=='Linux'",
+                     "tqdm"],
         "tfmot": ["tf_keras", "tensorflow-model-optimization>=0.8"],
         # Other Keras backends (KERAS_BACKEND=jax / torch). For PyTorch's CPU-only wheel add
         # --extra-index-url https://download.pytorch.org/whl/cpu; TFLite export still needs TensorFlow.
