@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-from keras_rigl import compiled_update, optimizer_state, updates
+from keras_rigl import compiled_update, updates
 from keras_rigl import structure as _structure
 
 
@@ -153,7 +153,6 @@ class StructuredCompiledUpdate(compiled_update.CompiledUpdate):
         structure = self._structures[id(mw.mask)]
         if isinstance(structure, _structure.Unstructured):
             return super()._update_one(mw, fraction, seed)
-        shape = tuple(mw.mask.shape)
         mask = ops.convert_to_tensor(mw.mask)
         weight = ops.convert_to_tensor(mw.weight)
         grow_scores = self._grow_scores(mw, seed)
@@ -167,14 +166,4 @@ class StructuredCompiledUpdate(compiled_update.CompiledUpdate):
                 weight, mask, grow_scores, fraction, seed, self.reinit_regrown, structure.n, structure.m,
                 static_k=self.jit_compile,
             )
-        new_mask = ops.cast(new_active, mw.mask.dtype)
-        new_weight = ops.multiply(ops.where(grown, ops.zeros_like(weight), weight), ops.cast(new_mask, weight.dtype))
-        writes = [mw.mask.assign(new_mask), mw.weight.assign(new_weight)]
-        changed = ops.logical_or(grown, removed)
-        for slot, reset_value in self._slots(mw):
-            if reset_value == optimizer_state.FOLLOW_WEIGHT:  # the use_ema average starts at the new weight
-                fresh = ops.cast(new_weight, slot.dtype)
-            else:
-                fresh = ops.full(shape, reset_value, dtype=slot.dtype)
-            writes.append(slot.assign(ops.where(changed, fresh, ops.convert_to_tensor(slot))))
-        return counts, [w.op if hasattr(w, "op") else w for w in writes]
+        return counts, self._write_whole(mw, weight, new_active, grown, removed)

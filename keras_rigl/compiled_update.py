@@ -386,18 +386,23 @@ class CompiledUpdate:
             weight, mask, self._grow_scores(mw, seed), k, seed, self.reinit_regrown, static_k=self.jit_compile,
             keys_fn=self._keys_fn,
         )
+        return (n_active, k, n_moved), self._write_whole(mw, weight, new_active, grown, removed)
+
+    def _write_whole(self, mw, weight, new_active, grown, removed):
+        """Assign the new mask, weight and optimizer slots from booleans of any shape with the weight's size."""
+        shape = tuple(mw.mask.shape)
         new_mask = ops.reshape(ops.cast(new_active, mw.mask.dtype), shape)
         grown = ops.reshape(grown, shape)
         new_weight = ops.multiply(ops.where(grown, ops.zeros_like(weight), weight), ops.cast(new_mask, weight.dtype))
         writes = [mw.mask.assign(new_mask), mw.weight.assign(new_weight)]
-        changed = ops.reshape(ops.logical_or(grown, ops.reshape(removed, shape)), shape)
+        changed = ops.logical_or(grown, ops.reshape(removed, shape))
         for slot, reset_value in self._slots(mw):
             if reset_value == optimizer_state.FOLLOW_WEIGHT:  # the use_ema average starts at the new weight
                 fresh = ops.cast(new_weight, slot.dtype)
             else:
                 fresh = ops.full(shape, reset_value, dtype=slot.dtype)
             writes.append(slot.assign(ops.where(changed, fresh, ops.convert_to_tensor(slot))))
-        return (n_active, k, n_moved), [w.op if hasattr(w, "op") else w for w in writes]
+        return [w.op if hasattr(w, "op") else w for w in writes]
 
     def _update_one_by_index(self, mw, mask, weight, n_active, k, seed):
         """:meth:`_update_one` through :func:`select_indices`: scatters of the 2k changed entries."""
