@@ -18,8 +18,17 @@ Methods (``--methods``):
 * ``prune``: TFMOT gradual magnitude pruning (needs ``pip install -e .[tfmot]``;
   dropped from the default list with a note when missing).
 
-Grid: methods x ``--sparsities`` x ``--seeds`` x ``--multipliers`` (dense runs
-once per seed and multiplier). Training FLOPs follow the paper's accounting
+Structures (``--structures none,1x4,2:4,fan_in``): ``static``, ``set``, ``snfs``
+and ``rigl`` run once per structure (``keras_rigl.sparsify(..., structure=)``);
+the dense baselines (``dense_flops`` is planned from unstructured RigL) and
+``prune`` run once, unstructured. Layers that cannot carry a structure (the
+CNN's first convolution, 1 input channel, under 1x4 and 2:4) are left dense and
+named in a printed note; the sparsity target then applies to the other layers.
+A structured run's id has ``method@structure`` (``...|rigl@1x4|s0.9|...``);
+unstructured ids are unchanged.
+
+Grid: methods x ``--structures`` x ``--sparsities`` x ``--seeds`` x ``--multipliers``
+(dense runs once per seed and multiplier). Training FLOPs follow the paper's accounting
 (``keras_rigl.counting``; pruning is charged as dense throughout).
 
 Output in ``--out``: ``results.csv`` (one row per run, written after each run
@@ -38,7 +47,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from rigl_harness import atomic, datasets, runner  # noqa: E402  (scripts/ is on sys.path when this file runs)
-from rigl_harness.cli import HelpFormatter, ranged  # noqa: E402
+from rigl_harness.cli import HelpFormatter, ranged, structures_arg  # noqa: E402
 from rigl_harness.comparison import ALL_METHODS, run_comparison  # noqa: E402
 
 
@@ -93,6 +102,10 @@ def build_parser():
     p.add_argument("--epochs", type=ranged(int, 1, what=" (>= 1)"), default=10, help="epochs of a 1x run")
     p.add_argument("--model", default="cnn", choices=runner.MODELS, help="architecture (rigl_harness.zoo)")
     p.add_argument("--dataset", default="mnist5k", help="mnist5k | digits | synthetic | PATH.npz")
+    p.add_argument("--structures", type=structures_arg, default=["none"],
+                   help="comma-separated mask structures of static, set, snfs and rigl: none (unstructured), 1xk "
+                        "(e.g. 1x4), N:M (e.g. 2:4), fan_in; each sparse method runs once per structure, the dense "
+                        "baselines and prune once, unstructured")
     p.add_argument("--distribution", default="erk", choices=runner.DISTRIBUTIONS, help="how the sparsity is spread over the layers")
     p.add_argument("--update-freq", type=ranged(int, 1, what=" (>= 1)"), default=50, help="ΔT, steps between mask updates")
     p.add_argument("--drop-fraction", type=ranged(float, 0.0, 1.0, lo_open=True, what=" (in (0, 1])"), default=0.3, help="share of active connections moved at an update")
@@ -123,6 +136,9 @@ def prepare(argv=None):
                 notes.append(f"TFMOT is not installed: pruning left out ({runner.TFMOT_HINT}).")
         elif "prune" in args.methods:
             runner.check_tfmot()
+        if "prune" in args.methods and any(st != "none" for st in args.structures):
+            notes.append("prune (TFMOT) has no structured variant: it runs unstructured only, like the dense "
+                         "baselines.")
     except (ValueError, ImportError) as err:
         parser.error(str(err))
     return args, data, notes

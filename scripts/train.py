@@ -3,6 +3,7 @@
 
     python scripts/train.py                       # CNN on MNIST-5k, 90 % sparse (ERK), RigL
     python scripts/train.py --method set --sparsity 0.95 --model mlp
+    python scripts/train.py --structure 1x4       # blocks of 4 inputs (or 2:4, fan_in); conv1 is left dense
     python scripts/train.py --dataset digits --method prune      # TFMOT (pip install -e .[tfmot])
     python scripts/train.py --dataset my.npz --model mobilenet_v2 --weights pretrained.weights.h5
 
@@ -32,7 +33,7 @@ import warnings  # noqa: E402
 
 from rigl_harness import datasets  # noqa: E402  (scripts/ is on sys.path when this file runs)
 from rigl_harness.atomic import RunFolder  # noqa: E402
-from rigl_harness.cli import HelpFormatter, ranged  # noqa: E402
+from rigl_harness.cli import HelpFormatter, ranged, structure_arg  # noqa: E402
 from rigl_harness.runner import (  # noqa: E402
     DISTRIBUTIONS, INITS, LR_SCHEDULES, METHODS, MODELS, Config, check_config, run,
 )
@@ -51,6 +52,10 @@ def build_parser():
     p.add_argument("--sparsity", type=ranged(float, 0.0, 1.0, hi_open=True, what=" (must be in [0, 1))"), default=0.9,
                    help="share of masked weights that are zero (ignored by dense)")
     p.add_argument("--distribution", default="erk", choices=DISTRIBUTIONS, help="how the sparsity is spread over the layers")
+    p.add_argument("--structure", type=structure_arg, default="none",
+                   help="structure of the masks (rigl, set, snfs, static): none, 1xk (e.g. 1x4), N:M (e.g. 2:4) or "
+                        "fan_in; layers that cannot carry it (e.g. a first conv with 1 input channel under 1x4) "
+                        "are left dense and named, and the sparsity target applies to the other layers")
     p.add_argument("--update-freq", type=ranged(int, 1, what=" (steps between mask updates, >= 1)"), default=50,
                    help="ΔT: optimizer steps between mask updates (updates stop at 75%% of training)")
     p.add_argument("--drop-fraction", type=ranged(float, 0.0, 1.0, lo_open=True, what=" (must be in (0, 1])"), default=0.3,
@@ -89,7 +94,8 @@ def parse_config(argv=None):
     args = build_parser().parse_args(argv)
     return Config(
         dataset=args.dataset, model=args.model, method=args.method, sparsity=args.sparsity,
-        distribution=args.distribution, update_freq=args.update_freq, drop_fraction=args.drop_fraction,
+        distribution=args.distribution, structure=args.structure, update_freq=args.update_freq,
+        drop_fraction=args.drop_fraction,
         epochs=args.epochs, multiplier=args.multiplier, lr_schedule=args.lr_schedule, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, weights=args.weights, out=args.out,
         run_name=args.run_name, init=args.init, tflite=not args.no_tflite, verbose=1 if args.quiet else 2,

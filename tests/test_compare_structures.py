@@ -104,7 +104,7 @@ def test_structure_exclusions_ask_the_structure(spec, left_dense):
 # ------------------------------------------------------------------ a trained structured run
 def test_train_structure_1x4_cnn_masks_hold_and_counts_are_right(tmp_path, capsys):
     result = train.main(["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--update-freq", "2",
-                         "--structure", "1x4", "--out", str(tmp_path), "--run-name", "run", "--quiet"])
+                         "--structure", "1x4", "--out", str(tmp_path), "--run-name", "run", "--quiet", "--no-tflite"])
     printed = capsys.readouterr().out
     assert "conv1" in printed and "left dense" in printed and "remaining" in printed
     assert result["structure"] == "1x4" and result["dense_layers"] == ["conv1"]
@@ -116,7 +116,7 @@ def test_train_structure_1x4_cnn_masks_hold_and_counts_are_right(tmp_path, capsy
     import keras_rigl
 
     model = keras.models.load_model(tmp_path / "run" / "model.keras")
-    masked = {layer.name: layer for layer in keras_rigl.masked_layers(model)}
+    masked = {layer.layer.name: layer for layer in keras_rigl.masked_layers(model)}
     assert sorted(masked) == ["conv2", "conv3", "fc1", "logits"]  # conv1 (1 input channel) stays dense
     active = {}
     for name, layer in masked.items():
@@ -148,10 +148,10 @@ def test_compare_structures_rows_csv_summary_and_old_csv(tmp_path, monkeypatch):
     out.mkdir()
     # a results.csv written before the structure column existed: its row must be reused, not rerun
     args = compare.build_parser().parse_args(TINY + ["--out", str(out)])
-    old_id = comparison.Job("static", 0.9, 0, 1.0).run_id(args)
+    old_id = comparison.Job("rigl", 0.9, 0, 1.0).run_id(args)
     old_columns = [c for c in comparison.COLUMNS if c not in ("structure", "sparsity_all_kernels", "dense_layers")]
     old = {c: np.nan for c in old_columns}
-    old.update(run_id=old_id, dataset="synthetic", model="mlp", method="static", sparsity=0.9, seed=0,
+    old.update(run_id=old_id, dataset="synthetic", model="mlp", method="rigl", sparsity=0.9, seed=0,
                multiplier=1.0, epochs=1, steps=8, batch_size=64, width=1.0, accuracy=0.5, loss=1.0,
                train_flops=1.0, inference_flops=1.0, f_dense=2.0, params=10, params_total=100,
                sparsity_actual=0.9, wall_time_s=1.0, mask_updates=0, status="ok")
@@ -161,21 +161,20 @@ def test_compare_structures_rows_csv_summary_and_old_csv(tmp_path, monkeypatch):
     real = comparison.run_job
     monkeypatch.setattr(comparison, "run_job", lambda job, *a: ran.append((job.method, job.structure))
                         or real(job, *a))
-    result = compare.main(TINY + ["--methods", "static,rigl", "--structures", "none,2:4", "--out", str(out)])
-    assert sorted(ran) == [("rigl", "2:4"), ("rigl", "none"), ("static", "2:4")]  # the old static row reused
+    result = compare.main(TINY + ["--methods", "rigl", "--structures", "none,2:4", "--out", str(out)])
+    assert ran == [("rigl", "2:4")]  # the old unstructured row is reused
     df = pd.read_csv(out / "results.csv", keep_default_na=False)
     assert list(df.columns) == comparison.COLUMNS
     by_id = df.set_index("run_id")
     assert by_id.loc[old_id, "structure"] == "none" and by_id.loc[old_id, "accuracy"] == 0.5
-    structured = by_id.loc[old_id.replace("|static|", "|rigl@2:4|")]
+    structured = by_id.loc[old_id.replace("|rigl|", "|rigl@2:4|")]
     assert structured["structure"] == "2:4" and structured["method"] == "rigl"
     assert structured["dense_layers"] == ""  # the MLP's layers all take 2:4
     assert float(structured["sparsity_actual"]) == pytest.approx(0.9, abs=2e-3)
     summary = result["summary"]
-    assert sorted(zip(summary["method"], summary["structure"])) == [
-        ("rigl", "2:4"), ("rigl", "none"), ("static", "2:4"), ("static", "none")]
+    assert list(zip(summary["method"], summary["structure"])) == [("rigl", "none"), ("rigl", "2:4")]
     md = (out / "summary.md").read_text()
-    assert "| RigL (2:4) | 0.9 |" in md and "| Static (2:4) | 0.9 |" in md and "| RigL | 0.9 |" in md
+    assert "| RigL (2:4) | 0.9 | 1× | 1 |" in md and "| RigL | 0.9 | 1× | 1 | 50.00 |" in md, md
     assert (out / "summary.csv").stat().st_size > 0 and (out / "accuracy_vs_sparsity.png").stat().st_size > 0
 
 

@@ -9,15 +9,17 @@ import os
 import pandas as pd
 
 from rigl_harness import atomic, zoo
-from rigl_harness.runner import Config, run
+from rigl_harness.runner import SPARSE_METHODS, Config, exclusion_note, run, structure_exclusions
 
 ALL_METHODS = ("dense", "dense_flops", "small_dense", "static", "set", "snfs", "rigl", "prune")
 DENSE_ONLY = ("dense",)  # independent of the sparsity
 COLUMNS = [
-    "run_id", "dataset", "model", "method", "sparsity", "seed", "multiplier", "epochs", "steps", "batch_size",
+    "run_id", "dataset", "model", "method", "structure", "sparsity", "seed", "multiplier", "epochs", "steps", "batch_size",
     "width", "accuracy", "loss", "train_flops", "inference_flops", "f_dense", "params", "params_total",
-    "sparsity_actual", "wall_time_s", "tflite_bytes", "tflite_agreement", "mask_updates", "status",
+    "sparsity_actual", "sparsity_all_kernels", "dense_layers", "wall_time_s", "tflite_bytes", "tflite_agreement",
+    "mask_updates", "status",
 ]
+STRUCTURED_METHODS = SPARSE_METHODS  # run once per --structures entry; the baselines and TFMOT pruning once
 LABELS = {
     "dense": "Dense", "dense_flops": "Dense (same train FLOPs as RigL)", "small_dense": "Small-Dense",
     "static": "Static", "set": "SET", "snfs": "SNFS", "rigl": "RigL", "prune": "Pruning (TFMOT)",
@@ -30,9 +32,13 @@ class Job:
     sparsity: float
     seed: int
     multiplier: float
+    structure: str = "none"  # keras_rigl's spelling ("1x4", "2:4", "fan_in"); "none": unstructured
 
     def run_id(self, args):
-        return f"{study_key(args)}|{self.method}|s{self.sparsity:g}|x{self.multiplier:g}|seed{self.seed}"
+        # the structure joins the method part only when there is one: unstructured ids (and the rows of
+        # results.csv files written before structures existed) stay as they were
+        method = self.method if self.structure == "none" else f"{self.method}@{self.structure}"
+        return f"{study_key(args)}|{method}|s{self.sparsity:g}|x{self.multiplier:g}|seed{self.seed}"
 
 
 def study_key(args):
@@ -41,17 +47,29 @@ def study_key(args):
             f"|dt{args.update_freq}|df{args.drop_fraction:g}|{args.distribution}")
 
 
-def grid(methods, sparsities, seeds, multipliers):
-    """All jobs, seed-major (a stopped comparison has whole seeds done first)."""
+def grid(methods, sparsities, seeds, multipliers, structures=("none",)):
+    """All jobs, seed-major (a stopped comparison has whole seeds done first).
+
+    The sparse-from-scratch methods run once per structure; the dense baselines and TFMOT pruning
+    (which has no structured variant) once, unstructured.
+    """
     jobs = []
     for seed in seeds:
         for m in multipliers:
             for method in methods:
                 if method in DENSE_ONLY:
                     jobs.append(Job(method, 0.0, seed, m))
+                elif method in STRUCTURED_METHODS:
+                    jobs.extend(Job(method, s, seed, m, st) for st in structures for s in sparsities)
                 else:
                     jobs.extend(Job(method, s, seed, m) for s in sparsities)
     return jobs
+
+
+def label(method, structure="none"):
+    """The method's name in the summary and the plots: "RigL", "RigL (1x4)"."""
+    name = LABELS.get(method, method)
+    return name if structure in ("none", None) or structure != structure else f"{name} ({structure})"
 
 
 def read_results(path):
@@ -61,7 +79,14 @@ def read_results(path):
     missing = [c for c in ("run_id", "accuracy") if c not in df.columns]
     if missing:
         raise ValueError(f"{path!r} is not a results file of this script (no columns {missing}); use another --out.")
-    return df.drop_duplicates("run_id", keep="last")
+    return _with_structure(df).drop_duplicates("run_id", keep="last")
+
+
+def _with_structure(df):
+    """Rows from a results.csv written before structures existed are unstructured ("none")."""
+    df = df.copy()
+    df["structure"] = df["structure"].fillna("none").astype(str) if "structure" in df else "none"
+    return df
 
 
 def write_results(df, path):
@@ -100,7 +125,7 @@ class Planner:
             dataset=a.dataset, model=a.model, method=method, sparsity=job.sparsity or 0.9,
             distribution=a.distribution, update_freq=a.update_freq, drop_fraction=a.drop_fraction,
             epochs=a.epochs, multiplier=job.multiplier, lr=a.lr, batch_size=a.batch_size, seed=job.seed,
-            save=False, tflite=not a.no_tflite, verbose=0,
+            save=False, tflite=not a.no_tflite, verbose=0, structure=job.structure,
         )
         if method in ("dense_flops", "small_dense", "dense"):
             cfg.method = "dense"
@@ -128,11 +153,13 @@ def run_job(job, planner, args):
     r = run(cfg, data=planner.data)
     return {
         "run_id": job.run_id(args), "dataset": r["dataset"], "model": args.model, "method": job.method,
+        "structure": job.structure,
         "sparsity": job.sparsity, "seed": job.seed, "multiplier": job.multiplier, "epochs": r["epochs"],
         "steps": r["steps"], "batch_size": args.batch_size, "width": cfg.width, "accuracy": r["accuracy"],
         "loss": r["loss"], "train_flops": r["train_flops"], "inference_flops": r["inference_flops"],
         "f_dense": r["f_dense"], "params": r["params"], "params_total": r["params_total"],
-        "sparsity_actual": r["sparsity"], "wall_time_s": r["wall_time_s"], "tflite_bytes": r["tflite_bytes"],
+        "sparsity_actual": r["sparsity"], "sparsity_all_kernels": r["sparsity_all_kernels"],
+        "dense_layers": ";".join(r.get("dense_layers", [])), "wall_time_s": r["wall_time_s"], "tflite_bytes": r["tflite_bytes"],
         "tflite_agreement": r.get("tflite_agreement"), "mask_updates": r["mask_updates"], "status": r["status"],
     }
 
@@ -151,7 +178,7 @@ def _full_width_f_dense(df):
 
 
 def summarize(df, dense_train=None):
-    """Mean ± std over seeds per (method, sparsity, multiplier).
+    """Mean ± std over seeds per (method, structure, sparsity, multiplier).
 
     Training FLOPs are relative to ``dense_train`` (the dense 1x run's; default: the mean of the dense 1x
     rows), inference FLOPs to the dense model's forward FLOPs.
@@ -160,15 +187,16 @@ def summarize(df, dense_train=None):
         df = df[df["status"].fillna("ok") != "failed"]
     if df.empty:
         return pd.DataFrame()
+    df = _with_structure(df)
     ref_flops = _full_width_f_dense(df)
     if dense_train is None:
         dense1 = df[(df["method"] == "dense") & (df["multiplier"] == 1)]
         dense_train = float(dense1["train_flops"].mean()) if len(dense1) else None
     rows = []
     order = {m: i for i, m in enumerate(ALL_METHODS)}
-    for (method, sparsity, mult), g in df.groupby(["method", "sparsity", "multiplier"]):
+    for (method, structure, sparsity, mult), g in df.groupby(["method", "structure", "sparsity", "multiplier"]):
         rows.append({
-            "method": method, "sparsity": sparsity, "multiplier": mult, "seeds": len(g),
+            "method": method, "structure": structure, "sparsity": sparsity, "multiplier": mult, "seeds": len(g),
             "acc_mean": g["accuracy"].mean(), "acc_std": g["accuracy"].std(),
             "loss_mean": g["loss"].mean(),
             "train_flops": g["train_flops"].mean(),
@@ -176,9 +204,11 @@ def summarize(df, dense_train=None):
             "inference_flops_rel": g["inference_flops"].mean() / ref_flops,
             "params": g["params"].mean(), "steps": g["steps"].mean(), "wall_time_s": g["wall_time_s"].mean(),
             "tflite_kb": g["tflite_bytes"].mean() / 1024 if g["tflite_bytes"].notna().any() else float("nan"),
-            "_order": order.get(method, 99),
+            "_order": order.get(method, 99), "_structured": structure != "none",
         })
-    out = pd.DataFrame(rows).sort_values(["multiplier", "sparsity", "_order"]).drop(columns="_order")
+    # per sparsity: the unstructured methods as before, then each structure's methods
+    out = pd.DataFrame(rows).sort_values(["multiplier", "sparsity", "_structured", "structure", "_order"])
+    out = out.drop(columns=["_order", "_structured"])
     return out.reset_index(drop=True)
 
 
@@ -188,7 +218,7 @@ def to_markdown(summary):
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in summary.itertuples():
         lines.append("| " + " | ".join([
-            LABELS.get(r.method, r.method), f"{r.sparsity:g}" if r.sparsity else "0", f"{r.multiplier:g}×", str(r.seeds),
+            label(r.method, r.structure), f"{r.sparsity:g}" if r.sparsity else "0", f"{r.multiplier:g}×", str(r.seeds),
             _pm(100 * r.acc_mean, 100 * r.acc_std, ".2f"), f"{r.train_flops_rel:.3f}", f"{r.inference_flops_rel:.3f}",
             f"{r.params:,.0f}", f"{r.steps:.0f}", "" if r.tflite_kb != r.tflite_kb else f"{r.tflite_kb:.1f}",
             f"{r.wall_time_s:.1f}",
@@ -214,21 +244,33 @@ def _zoom(ax, summary, x_of):
                         fontsize=7, color="C1", arrowprops=dict(arrowstyle="->", color="C1"))
 
 
+def _series_colors(summary):
+    """A colour per (method, structure): the methods' usual colours unstructured, other ones per structure."""
+    colors = {(m, "none"): c for m, c in zip(ALL_METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8"])}
+    spare = ["C7", "C9", "navy", "olive", "teal", "maroon", "gold", "lime", "black", "darkorange", "slateblue"]
+    structured = sorted({(m, st) for m, st in zip(summary["method"], summary["structure"]) if st != "none"},
+                        key=lambda k: (k[1], ALL_METHODS.index(k[0]) if k[0] in ALL_METHODS else 99))
+    for i, key in enumerate(structured):
+        colors[key] = spare[i % len(spare)]
+    return colors
+
+
 def plot(summary, out):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(ALL_METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8"]))
+    summary = _with_structure(summary)
+    colors = _series_colors(summary)
     markers = {0.0: "*", 0.8: "o", 0.9: "s", 0.95: "^", 0.98: "D"}
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for r in summary.itertuples():
         ax.errorbar(r.train_flops_rel, 100 * r.acc_mean, yerr=0 if r.acc_std != r.acc_std else 100 * r.acc_std,
-                    fmt=markers.get(round(r.sparsity, 2), "o"), color=colors.get(r.method), capsize=2, ms=7,
-                    mfc="none" if r.multiplier != 1 else colors.get(r.method))
-    for method in summary["method"].unique():
-        ax.plot([], [], "o", color=colors.get(method), label=LABELS.get(method, method))
+                    fmt=markers.get(round(r.sparsity, 2), "o"), color=colors.get((r.method, r.structure)), capsize=2,
+                    ms=7, mfc="none" if r.multiplier != 1 else colors.get((r.method, r.structure)))
+    for method, structure in dict.fromkeys(zip(summary["method"], summary["structure"])):
+        ax.plot([], [], "o", color=colors.get((method, structure)), label=label(method, structure))
     for s in sorted(summary["sparsity"].unique()):
         ax.plot([], [], markers.get(round(s, 2), "o"), color="black", label=f"sparsity {s:g}" if s else "dense (sparsity 0)")
     if (summary["multiplier"] != 1).any():
@@ -246,15 +288,16 @@ def plot(summary, out):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for (method, mult), g in summary.groupby(["method", "multiplier"]):
-        label = LABELS.get(method, method) + (f" {mult:g}×" if mult != 1 else "")
+    for (method, structure, mult), g in summary.groupby(["method", "structure", "multiplier"], sort=False):
+        name = label(method, structure) + (f" {mult:g}×" if mult != 1 else "")
         style = "--" if mult != 1 else "-"
+        color = colors.get((method, structure))
         if method in DENSE_ONLY:
-            ax.axhline(100 * g["acc_mean"].iloc[0], ls=":" if mult == 1 else "-.", color=colors.get(method), label=label)
+            ax.axhline(100 * g["acc_mean"].iloc[0], ls=":" if mult == 1 else "-.", color=color, label=name)
             continue
         g = g.sort_values("sparsity")
         ax.errorbar(g["sparsity"], 100 * g["acc_mean"], yerr=100 * g["acc_std"].fillna(0), fmt="o" + style,
-                    color=colors.get(method), capsize=2, label=label)
+                    color=color, capsize=2, label=name)
     _zoom(ax, summary, lambda r: r.sparsity)
     ax.set_xlabel("sparsity")
     ax.set_ylabel("held-out accuracy (%)")
@@ -268,14 +311,29 @@ def plot(summary, out):
     return p1, p2
 
 
+def structure_notes(args, data, structures, jobs):
+    """One line per structure that leaves layers of ``args.model`` dense (asked of the structure itself)."""
+    wanted = [st for st in structures if st != "none" and any(j.structure == st for j in jobs)]
+    if not wanted:
+        return []
+    import keras
+
+    model = zoo.build_model(args.model, data.input_shape, data.num_classes)
+    notes = [exclusion_note(st, structure_exclusions(model, st)) for st in wanted]
+    keras.backend.clear_session()
+    return [n for n in notes if n]
+
+
 def run_comparison(args, data, notes=()):
     """Run the pending jobs of the grid in ``args``, write results.csv, summary.md/.csv and the plots."""
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")
     df = read_results(csv_path)
-    jobs = grid(args.methods, args.sparsities, args.seeds, args.multipliers)
+    structures = getattr(args, "structures", ["none"])
+    jobs = grid(args.methods, args.sparsities, args.seeds, args.multipliers, structures)
     done = set(df["run_id"])
     pending = [j for j in jobs if j.run_id(args) not in done]
+    notes = list(notes) + structure_notes(args, data, structures, jobs)
     for note in notes:
         print(note)
     print(f"{len(jobs)} runs in the grid, {len(jobs) - len(pending)} already in {csv_path}, {len(pending)} to go.")
@@ -287,7 +345,8 @@ def run_comparison(args, data, notes=()):
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), unit="run", dynamic_ncols=True)
     for job in pending:
         if bar is not None:
-            bar.set_description(f"{job.method} s={job.sparsity:g} x{job.multiplier:g} seed={job.seed}")
+            method = job.method if job.structure == "none" else f"{job.method}@{job.structure}"
+            bar.set_description(f"{method} s={job.sparsity:g} x{job.multiplier:g} seed={job.seed}")
         row = run_job(job, planner, args)
         if row["status"] != "ok":
             print(f"warning: run {row['run_id']} failed (non-finite loss); it is left out of the summary.")

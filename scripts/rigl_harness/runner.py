@@ -50,6 +50,7 @@ class Config:
     steps: int | None = None  # total optimizer steps (overrides epochs x multiplier)
     width: float = 1.0  # hidden-size multiplier (small-dense baseline)
     init: str = "scaled"  # "scaled": sparse-aware init of masked weights; "dense": the layer's own init
+    structure: str = "none"  # keras_rigl structure of the masks ("1x4", "2:4", "fan_in"); "none": unstructured
     save: bool = True  # write the model, logs and plots
     tflite: bool = True  # export the sparse .tflite
     verbose: int = 2  # 2: Keras progress, sparsity table and results; 1: the result lines only; 0: silent
@@ -61,6 +62,8 @@ class Config:
     def default_run_name(self):
         data = os.path.splitext(os.path.basename(self.dataset))[0]
         name = f"{data}_{self.model}_{self.method}"
+        if self.structure != "none":  # "2:4" -> "2of4": a folder name without ":"
+            name += "_" + self.structure.replace(":", "of")
         if self.sparse:
             name += f"_s{self.sparsity:g}"
         if self.width != 1.0:
@@ -84,10 +87,72 @@ def check_config(cfg):
         raise ValueError(f"--seed must be an integer >= 0, got {cfg.seed!r}.")
     if cfg.weights is not None:
         zoo.check_weights_file(cfg.weights)
+    if cfg.structure != "none":
+        cfg.structure = canonical_structure(cfg.structure)
+        if cfg.method not in SPARSE_METHODS:
+            raise ValueError(f"--structure {cfg.structure} needs a sparse-from-scratch method "
+                             f"({', '.join(SPARSE_METHODS)}); {cfg.method} cannot keep a structure: "
+                             "drop --structure or change --method.")
     if cfg.steps is not None and cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}.")
     if cfg.method == "prune":
         check_tfmot()
+
+
+STRUCTURE_FORMS = "none (unstructured), 1xk (e.g. 1x4), N:M (e.g. 2:4) or fan_in"
+
+
+def canonical_structure(text):
+    """The structure's own spelling (``"1X4"`` -> ``"1x4"``, ``"unstructured"`` -> ``"none"``), or a
+    ValueError naming the accepted forms; the library decides what a structure is."""
+    if not isinstance(text, str) or text.strip().lower() in ("", "none"):
+        return "none"
+    from keras_rigl import structure as structures
+
+    try:
+        spec = structures.get(text).spec
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"unknown structure {text.strip()!r}; use {STRUCTURE_FORMS} "
+                         f"(keras_rigl: {str(err).splitlines()[0]})") from None
+    return "none" if spec == structures.Unstructured.name else spec
+
+
+def structure_exclusions(model, structure):
+    """``{layer name: reason}`` of the maskable layers whose weights cannot carry ``structure``.
+
+    Asked of the structure itself (``check_shape``, the test ``keras_rigl.sparsify`` applies before it
+    refuses a layer), so the harness leaves exactly those layers dense, e.g. a first convolution with 1
+    or 3 input channels under "1x4" or "2:4".
+    """
+    if canonical_structure(structure) == "none":
+        return {}
+    import keras
+
+    from keras_rigl import maskable
+    from keras_rigl import structure as structures
+    from keras_rigl.sparsify import all_layers
+
+    spec = structures.get(structure)
+    refused = {}
+    for layer in all_layers(model):
+        if isinstance(layer, keras.Model) or not maskable.is_maskable(layer):
+            continue
+        for ref in maskable.maskable_weights(layer):
+            try:
+                spec.check_shape(tuple(ref.variable.shape), f"Layer {layer.name!r} weight {ref.name!r}")
+            except ValueError as err:
+                refused.setdefault(layer.name, str(err).split("; leave the layer dense")[0])
+    return refused
+
+
+def exclusion_note(structure, refused, sparsity=None):
+    """The line printed when layers are left dense for a structure (None when none is)."""
+    if not refused:
+        return None
+    target = f"the {sparsity:g} sparsity target" if sparsity is not None else "the sparsity target"
+    return (f"note: structure {structure} cannot be carried by {', '.join(sorted(refused))} "
+            f"({'; '.join(refused[name] for name in sorted(refused))}): left dense; {target} applies "
+            "to the remaining masked layers.")
 
 
 def check_tfmot():
@@ -161,10 +226,16 @@ def _train_keras(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
     model = zoo.build_model(cfg.model, data.input_shape, data.num_classes, width=cfg.width)
     if cfg.weights:
         zoo.load_weights_file(model, cfg.weights)
+    refused = {}
     if cfg.method in SPARSE_METHODS:
+        refused = structure_exclusions(model, cfg.structure)
+        note = exclusion_note(cfg.structure, refused, cfg.sparsity)
+        if note and cfg.verbose:
+            print(note)
         model = keras_rigl.sparsify(
             model, cfg.sparsity, distribution=cfg.distribution,
             mask_init="magnitude" if cfg.weights else "random", seed=cfg.seed,
+            structure=None if cfg.structure == "none" else cfg.structure, exclude=sorted(refused) or None,
         )
         if cfg.init == "scaled" and not cfg.weights:
             keras_rigl.rescale_active_weights(model)
@@ -183,7 +254,7 @@ def _train_keras(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
     model.fit(**fit, callbacks=callbacks, verbose=2 if cfg.verbose >= 2 else 0,
               validation_data=(data.x_test, data.y_test) if cfg.save else None)
     updates = callback.updates if callback is not None else None
-    return model, logger.rows, updates
+    return model, logger.rows, updates, sorted(refused) if cfg.method in SPARSE_METHODS else []
 
 
 def _fit_args(cfg, data, steps_per_epoch, epochs):
@@ -240,7 +311,7 @@ def _train_prune(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
     model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     model.optimizer.build(model.trainable_variables)
-    return model, logger.rows, None
+    return model, logger.rows, None, []
 
 
 def plot_curves(steps, epochs_csv, path, title=""):
@@ -357,7 +428,7 @@ def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage, run
 
     start = time.perf_counter()
     trainer = _train_prune if cfg.method == "prune" else _train_keras
-    model, step_rows, updates = trainer(cfg, data, total_steps, spe, epochs, stage)
+    model, step_rows, updates, dense_layers = trainer(cfg, data, total_steps, spe, epochs, stage)
     train_time = time.perf_counter() - start
     loss, accuracy = model.evaluate(data.x_test, data.y_test, verbose=0, batch_size=256)
 
@@ -377,6 +448,9 @@ def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage, run
         "status": "failed" if failure else "ok",
         "failure": failure,
         "method": cfg.method,
+        "structure": cfg.structure,
+        # maskable layers left dense because they cannot carry the structure (structure_exclusions)
+        "dense_layers": dense_layers,
         "model": cfg.model,
         "dataset": data.name,
         "input_scale": data.input_scale,
@@ -472,6 +546,9 @@ def _print_summary(r, report, run_dir):
         if run_dir:
             print(f"Logs saved to {run_dir}/")
         return
+    if r.get("structure", "none") != "none":
+        print(f"\nStructure: {r['structure']}" + (f" (left dense: {', '.join(r['dense_layers'])})"
+                                                   if r["dense_layers"] else ""))
     print(f"\nHeld-out accuracy: {r['accuracy']:.4f}   loss: {r['loss']:.4f}   ({r['dataset']} test split)")
     print(f"Parameters (non-zero): {r['params']:,} of {r['params_total']:,}")
     print(f"Inference FLOPs / example: {r['inference_flops']:,} vs dense {r['f_dense']:,} "
