@@ -247,7 +247,7 @@ def _zoom(ax, summary, x_of):
 def _series_colors(summary):
     """A colour per (method, structure): the methods' usual colours unstructured, other ones per structure."""
     colors = {(m, "none"): c for m, c in zip(ALL_METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8"])}
-    spare = ["C7", "C9", "navy", "olive", "teal", "maroon", "gold", "lime", "black", "darkorange", "slateblue"]
+    spare = ["C7", "C9", "navy", "crimson", "teal", "maroon", "gold", "lime", "black", "darkorange", "slateblue"]
     structured = sorted({(m, st) for m, st in zip(summary["method"], summary["structure"]) if st != "none"},
                         key=lambda k: (k[1], ALL_METHODS.index(k[0]) if k[0] in ALL_METHODS else 99))
     for i, key in enumerate(structured):
