@@ -14,8 +14,8 @@ from rigl_harness.runner import SPARSE_METHODS, Config, exclusion_note, run, str
 ALL_METHODS = ("dense", "dense_flops", "small_dense", "static", "set", "snfs", "rigl", "prune")
 DENSE_ONLY = ("dense",)  # independent of the sparsity
 COLUMNS = [
-    "run_id", "dataset", "model", "method", "structure", "sparsity", "seed", "multiplier", "epochs", "steps", "batch_size",
-    "width", "accuracy", "loss", "train_flops", "inference_flops", "f_dense", "params", "params_total",
+    "run_id", "dataset", "model", "method", "structure", "sparsity", "seed", "multiplier", "epochs", "steps",
+    "batch_size", "width", "accuracy", "loss", "train_flops", "inference_flops", "f_dense", "params", "params_total",
     "sparsity_actual", "sparsity_all_kernels", "dense_layers", "wall_time_s", "tflite_bytes", "tflite_agreement",
     "mask_updates", "status",
 ]
@@ -159,7 +159,8 @@ def run_job(job, planner, args):
         "loss": r["loss"], "train_flops": r["train_flops"], "inference_flops": r["inference_flops"],
         "f_dense": r["f_dense"], "params": r["params"], "params_total": r["params_total"],
         "sparsity_actual": r["sparsity"], "sparsity_all_kernels": r["sparsity_all_kernels"],
-        "dense_layers": ";".join(r.get("dense_layers", [])), "wall_time_s": r["wall_time_s"], "tflite_bytes": r["tflite_bytes"],
+        "dense_layers": ";".join(r.get("dense_layers", [])),  # maskable layers the structure left dense
+        "wall_time_s": r["wall_time_s"], "tflite_bytes": r["tflite_bytes"],
         "tflite_agreement": r.get("tflite_agreement"), "mask_updates": r["mask_updates"], "status": r["status"],
     }
 
