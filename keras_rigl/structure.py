@@ -185,6 +185,12 @@ class Structure:
         return f"keras_rigl.structure.get({self.spec!r})"
 
     # helpers for subclasses
+    def _numpy_arrays(self, weight, mask):
+        """``(weight, mask, active)`` as NumPy arrays, the mask checked against this structure."""
+        w = updates._to_numpy(weight)
+        m = updates._to_numpy(mask)
+        return w, m, self._checked_mask(m, w.shape)
+
     def _checked_mask(self, mask, weight_shape=None):
         mask = np.asarray(updates._to_numpy(mask)) != 0
         if weight_shape is not None and mask.shape != tuple(weight_shape):
@@ -300,9 +306,7 @@ class Blocks(Structure):
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
                       drop_scores=None):
-        w = updates._to_numpy(weight)
-        m = updates._to_numpy(mask)
-        on = self._checked_mask(m, w.shape)
+        w, m, on = self._numpy_arrays(weight, mask)
         shape = m.shape
         n_rows, per_row = _size(shape) // shape[-2], shape[-2] // self.k
         block_active = self._blocks(on).any(axis=-1).reshape(-1)
@@ -400,9 +404,7 @@ class NofM(Structure):
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
                       drop_scores=None):
-        w = updates._to_numpy(weight)
-        m = updates._to_numpy(mask)
-        on = self._checked_mask(m, w.shape)
+        w, m, on = self._numpy_arrays(weight, mask)
         shape = m.shape
         size = on.size
         active = self._groups(on).reshape(-1)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import keras_rigl
+from conftest import UpdateSteps
 
 pytestmark = pytest.mark.any_backend  # no TensorFlow import at module level: also run on JAX and PyTorch
 
@@ -37,23 +38,10 @@ def _compiled(model, steps=2):
     return model
 
 
-class _UpdateSteps(keras.callbacks.Callback):
-    """(the update's step, optimizer.iterations) at every mask update."""
-
-    def __init__(self, algo):
-        super().__init__()
-        self.algo, self.seen, self.rows = algo, [], 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        if len(self.algo.updates) > self.rows:
-            self.rows = len(self.algo.updates)
-            self.seen.append((int(self.algo.updates["step"].iloc[-1]), int(self.model.optimizer.iterations)))
-
-
 def test_steps_are_optimizer_steps_not_micro_batches():
     # 16 batches of 8, accumulated by 2: 8 optimizer steps; on JAX the callback counted batches
     algo = keras_rigl.SET(update_freq=2, end_step=6, seed=0)
-    probe = _UpdateSteps(algo)
+    probe = UpdateSteps(algo)
     model = _compiled(keras_rigl.sparsify(_mlp(), 0.5, seed=0))
     x, y = _data()
     model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, callbacks=[algo, probe], verbose=0)
