@@ -32,19 +32,11 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_models.py, also when loaded by path
+from _models import small_cnn  # noqa: E402  (takes the keras module: imported after the backend is set)
+
 VARIANTS = ("dense", "no_probe", "masked", "rigl")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_cnn(keras):
-    inp = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(32, 3, activation="relu")(inp)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(64, 3, activation="relu")(x)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(128, activation="relu")(x)
-    return keras.Model(inp, keras.layers.Dense(10)(x))
 
 
 def build(keras, args):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,16 +28,8 @@ import numpy as np  # noqa: E402
 
 import keras_rigl  # noqa: E402
 
-
-def small_cnn():
-    inp = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(32, 3, activation="relu")(inp)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(64, 3, activation="relu")(x)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(128, activation="relu")(x)
-    return keras.Model(inp, keras.layers.Dense(10)(x))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_models.py, also when loaded by path
+from _models import small_cnn  # noqa: E402
 
 
 def compiled(model):

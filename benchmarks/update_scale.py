@@ -44,6 +44,9 @@ import numpy as np  # noqa: E402
 
 import keras_rigl  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_models.py, also when loaded by path
+from _models import small_cnn  # noqa: E402
+
 MODELS = {
     # name: (input shape, batch)
     "cnn": ((28, 28, 1), 128),
@@ -55,14 +58,7 @@ MODELS = {
 def build(name):
     shape, _ = MODELS[name]
     if name == "cnn":
-        inp = keras.Input(shape)
-        x = keras.layers.Conv2D(32, 3, activation="relu")(inp)
-        x = keras.layers.MaxPooling2D()(x)
-        x = keras.layers.Conv2D(64, 3, activation="relu")(x)
-        x = keras.layers.MaxPooling2D()(x)
-        x = keras.layers.Flatten()(x)
-        x = keras.layers.Dense(128, activation="relu")(x)
-        return keras.Model(inp, keras.layers.Dense(10)(x))
+        return small_cnn(keras)
     if name == "mobilenetv2":
         return keras.applications.MobileNetV2(input_shape=shape, alpha=1.0, weights=None, classes=10, classifier_activation=None)
     return keras.applications.ResNet50(input_shape=shape, weights=None, classes=10, classifier_activation=None)

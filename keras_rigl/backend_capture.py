@@ -28,6 +28,11 @@ same ``model.fit(..., callbacks=[keras_rigl.RigL()])`` as on TensorFlow. The
 cost is the probe's memory (one weight-sized variable per masked weight) and
 one weight-sized write per step (``benchmarks/backend_overhead.py``).
 
+Under ``optimizer.gradient_accumulation_steps`` Keras assigns such a variable
+the element-wise maximum of 0 and its micro-batches' gradients, not their sum,
+so RigL and SNFS refuse gradient accumulation on these backends at fit start
+(``SparseTraining.on_train_begin``; tests/test_gradient_accumulation.py).
+
 Probes are not part of the saved model (``Masked`` saves its masks only, so a
 ``.keras`` file is the same on every backend), and they are not counted as
 parameters by :func:`keras_rigl.count_nonzero_params`. SNFS's moving average

@@ -90,6 +90,15 @@ class _DeviceEverActive:
         return ops.convert_to_numpy(self._update.ever_active[self._index]).astype(bool)
 
 
+def _accumulation_steps(optimizer):
+    """``gradient_accumulation_steps`` of ``optimizer`` (or of the one a LossScaleOptimizer wraps), 0 if none."""
+    for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        steps = getattr(candidate, "gradient_accumulation_steps", None)
+        if steps:
+            return int(steps)
+    return 0
+
+
 class SparseTraining(keras.callbacks.Callback):
     """Base of the sparse-training callbacks: the mechanism, no method of its own.
 
@@ -592,6 +601,18 @@ class SparseTraining(keras.callbacks.Callback):
                 f"{type(self).__name__} updates masks between optimizer steps and needs "
                 f"steps_per_execution=1 in model.compile (got {steps_per_execution})."
             )
+        accumulation = _accumulation_steps(model.optimizer)
+        if accumulation and self.changes_masks and self.gradient_mode != gradient_capture.MODE_OFF \
+                and backend_capture.available():
+            # Keras accumulates the probes (overwrite_with_gradient variables) by an element-wise maximum (with 0) over
+            # the micro-batches, not a sum: the grow score would be silently wrong.
+            raise ValueError(
+                f"gradient_accumulation_steps is not supported with RigL/SNFS on {keras.backend.backend()} "
+                f"(got {accumulation}); drop it and raise batch_size instead, or train on TensorFlow "
+                "(which grows from the update step's last micro-batch)."
+            )
+        # JAX counts batches instead of reading optimizer.iterations: only right when a batch is a step.
+        self._batch_is_step = not accumulation
         self._planned = False
         self._plain_function = None
         self.step = self._optimizer_step(model)
@@ -641,7 +662,7 @@ class SparseTraining(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._plain_function is not None and self.gradient_mode == gradient_capture.MODE_STORE:
             self._use_step_function(self.model, gradient_capture.TRACE_OFF)
-        if keras.backend.backend() == "jax":
+        if keras.backend.backend() == "jax" and getattr(self, "_batch_is_step", True):
             # Batches: reading optimizer.iterations would sync every variable each batch
             # (see _compat.model_without_state_sync); steps_per_execution is 1 here.
             step = self.step + 1

@@ -308,12 +308,7 @@ class FanIn(structures.Structure):
         return FanIn(ablation_threshold=0.0)
 
     def check_shape(self, shape, path="weight"):
-        shape = tuple(int(d) for d in shape)
-        if len(shape) < 2:
-            raise ValueError(
-                f"{path} has shape {shape}: structure 'fan_in' needs a kernel with input and output axes; "
-                "leave the layer dense with sparsify(..., exclude=[...])."
-            )
+        self._check_kernel_shape(shape, path)
 
     def unit(self, shape):
         return units_of(shape)

@@ -104,6 +104,22 @@ class Structure:
     def check_shape(self, shape, path="weight"):
         """Raise a one-line ValueError naming the fix if a weight of ``shape`` cannot carry this structure."""
 
+    def _check_kernel_shape(self, shape, path, size=None, size_name=None, divisor=None):
+        """``check_shape`` of the structures over a kernel's input axis (``shape[-2]``): rank >= 2 and,
+        with ``size``, inputs a multiple of ``size`` (``size_name``: "block size"; ``divisor``: "a k")."""
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 2:
+            raise ValueError(
+                f"{path} has shape {shape}: structure {self.spec!r} needs a kernel with input and output axes; "
+                "leave the layer dense with sparsify(..., exclude=[...])."
+            )
+        if size is not None and shape[-2] % size:
+            raise ValueError(
+                f"{path} has {shape[-2]} inputs (shape {shape}), not a multiple of the {size_name} of structure "
+                f"{self.spec!r}; leave the layer dense with sparsify(..., exclude=[...]) or choose {divisor} that "
+                f"divides {shape[-2]}."
+            )
+
     def unit(self, shape):
         """The active count of a weight of ``shape`` is a multiple of this many entries."""
         return 1
@@ -169,6 +185,12 @@ class Structure:
         return f"keras_rigl.structure.get({self.spec!r})"
 
     # helpers for subclasses
+    def _numpy_arrays(self, weight, mask):
+        """``(weight, mask, active)`` as NumPy arrays, the mask checked against this structure."""
+        w = updates._to_numpy(weight)
+        m = updates._to_numpy(mask)
+        return w, m, self._checked_mask(m, w.shape)
+
     def _checked_mask(self, mask, weight_shape=None):
         mask = np.asarray(updates._to_numpy(mask)) != 0
         if weight_shape is not None and mask.shape != tuple(weight_shape):
@@ -248,18 +270,7 @@ class Blocks(Structure):
         return {"k": self.k}
 
     def check_shape(self, shape, path="weight"):
-        shape = tuple(int(d) for d in shape)
-        if len(shape) < 2:
-            raise ValueError(
-                f"{path} has shape {shape}: structure {self.spec!r} needs a kernel with input and output axes; "
-                "leave the layer dense with sparsify(..., exclude=[...])."
-            )
-        if shape[-2] % self.k:
-            raise ValueError(
-                f"{path} has {shape[-2]} inputs (shape {shape}), not a multiple of the block size of structure "
-                f"{self.spec!r}; leave the layer dense with sparsify(..., exclude=[...]) or choose a k that "
-                f"divides {shape[-2]}."
-            )
+        self._check_kernel_shape(shape, path, self.k, "block size", "a k")
 
     def unit(self, shape):
         return self.k
@@ -295,9 +306,7 @@ class Blocks(Structure):
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
                       drop_scores=None):
-        w = updates._to_numpy(weight)
-        m = updates._to_numpy(mask)
-        on = self._checked_mask(m, w.shape)
+        w, m, on = self._numpy_arrays(weight, mask)
         shape = m.shape
         n_rows, per_row = _size(shape) // shape[-2], shape[-2] // self.k
         block_active = self._blocks(on).any(axis=-1).reshape(-1)
@@ -345,18 +354,7 @@ class NofM(Structure):
         return {"n": self.n, "m": self.m}
 
     def check_shape(self, shape, path="weight"):
-        shape = tuple(int(d) for d in shape)
-        if len(shape) < 2:
-            raise ValueError(
-                f"{path} has shape {shape}: structure {self.spec!r} needs a kernel with input and output axes; "
-                "leave the layer dense with sparsify(..., exclude=[...])."
-            )
-        if shape[-2] % self.m:
-            raise ValueError(
-                f"{path} has {shape[-2]} inputs (shape {shape}), not a multiple of the group size M of structure "
-                f"{self.spec!r}; leave the layer dense with sparsify(..., exclude=[...]) or choose an M that "
-                f"divides {shape[-2]}."
-            )
+        self._check_kernel_shape(shape, path, self.m, "group size M", "an M")
 
     def max_density(self, shape):
         return self.n / self.m
@@ -406,9 +404,7 @@ class NofM(Structure):
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
                       drop_scores=None):
-        w = updates._to_numpy(weight)
-        m = updates._to_numpy(mask)
-        on = self._checked_mask(m, w.shape)
+        w, m, on = self._numpy_arrays(weight, mask)
         shape = m.shape
         size = on.size
         active = self._groups(on).reshape(-1)

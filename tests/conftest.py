@@ -61,8 +61,9 @@ def small_cnn(input_shape=(8, 8, 1), classes=10):
     return keras.Model(inp, out, name="small_cnn")
 
 
-def sparse_cnn(seed=0, sparsity=0.8):
-    """The sparse conv + two-Dense test model shared by the callback, capture and compiled-update tests."""
+def sparse_cnn(seed=0, sparsity=0.8, **sparsify_kwargs):
+    """The sparse conv + two-Dense test model shared by the callback, capture, compiled-update and condense
+    tests; ``sparsify_kwargs`` go to ``sparsify`` (e.g. ``distribution="uniform"``)."""
     import keras_rigl
 
     keras.utils.set_random_seed(seed)
@@ -71,7 +72,51 @@ def sparse_cnn(seed=0, sparsity=0.8):
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
     out = keras.layers.Dense(10, name="out")(x)
-    return keras_rigl.sparsify(keras.Model(inp, out), sparsity, seed=seed)
+    return keras_rigl.sparsify(keras.Model(inp, out), sparsity, seed=seed, **sparsify_kwargs)
+
+
+class UpdateSteps(keras.callbacks.Callback):
+    """Put after a sparse-training callback: ``seen`` gets (the update's step, optimizer.iterations) per update."""
+
+    def __init__(self, algo):
+        super().__init__()
+        self.algo, self.seen, self.rows = algo, [], 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if len(self.algo.updates) > self.rows:
+            self.rows = len(self.algo.updates)
+            self.seen.append((int(self.algo.updates["step"].iloc[-1]), int(self.model.optimizer.iterations)))
+
+
+def tf_train_step(model, loss_fn, optimizer):
+    """A custom-loop training step (tf.function over a GradientTape) returning the loss; TensorFlow only."""
+    import tensorflow as tf
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return train_step
+
+
+def built_subclassed_model():
+    """A built subclassed (not functional) model with one Dense(2) on 3 inputs: what sparsify/condense refuse."""
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.d(x)
+
+    sub = Sub()
+    sub(np.zeros((1, 3), "float32"))
+    return sub
 
 
 @pytest.fixture

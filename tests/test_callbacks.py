@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import keras_rigl
-from conftest import sparse_cnn
+from conftest import UpdateSteps, sparse_cnn, tf_train_step
 from keras_rigl import optimizer_state
 
 
@@ -179,8 +179,6 @@ def test_grow_init_random_draws_from_the_initializer():
 
 
 def test_custom_gradient_tape_loop():
-    import tensorflow as tf
-
     model = _model()
     opt = keras.optimizers.Adam(1e-3)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -189,13 +187,7 @@ def test_custom_gradient_tape_loop():
     x, y = _data(64)
     start = _masks(model)
 
-    @tf.function
-    def train_step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    train_step = tf_train_step(model, loss_fn, opt)
 
     for step in range(1, 9):
         xb, yb = x[(step - 1) * 8 : step * 8], y[(step - 1) * 8 : step * 8]
@@ -806,18 +798,8 @@ def test_use_ema_in_fit_keeps_invariants():
 
 def test_steps_are_optimizer_steps_not_batches():
     # gradient accumulation over 2 batches: 16 batches are 8 optimizer steps
-    class Probe(keras.callbacks.Callback):
-        def __init__(self, algo):
-            super().__init__()
-            self.algo, self.seen, self.rows = algo, [], 0
-
-        def on_train_batch_end(self, batch, logs=None):
-            if len(self.algo.updates) > self.rows:
-                self.rows = len(self.algo.updates)
-                self.seen.append((int(self.algo.updates["step"].iloc[-1]), int(self.model.optimizer.iterations)))
-
     algo = keras_rigl.SET(update_freq=2, end_step=6, seed=0)
-    probe = Probe(algo)
+    probe = UpdateSteps(algo)
     model = _model()
     model.compile(keras.optimizers.SGD(0.05, gradient_accumulation_steps=2),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_rigl
+from conftest import built_subclassed_model, sparse_cnn
 from keras_rigl.condense import NO_INPUTS, NO_OUTPUTS
 
 
@@ -306,29 +307,13 @@ def test_condensed_model_saves_and_loads(tmp_path):
 def test_bad_arguments_are_one_line_errors():
     with pytest.raises(TypeError, match="return_report"):
         keras_rigl.condense(_mlp(), return_report="yes")
-
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.d(x)
-
-    sub = Sub()
-    sub(np.zeros((1, 3), "float32"))
+    sub = built_subclassed_model()
     with pytest.raises(ValueError, match="functional"):
         keras_rigl.condense(sub)
 
 
 def test_condense_after_rigl_in_model_fit():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
-    out = keras.layers.Dense(10, name="out")(x)
-    sparse = keras_rigl.sparsify(keras.Model(inp, out), 0.9, distribution="uniform", seed=0)
+    sparse = sparse_cnn(seed=0, sparsity=0.9, distribution="uniform")
     sparse.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8, 8, 1)).astype("float32")

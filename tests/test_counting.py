@@ -42,11 +42,16 @@ def test_model_flops_two_layers_by_hand():
     assert (dense.sparse, dense.dense) == (F_D, F_D)
 
 
-def test_unmasked_layers_count_dense():
+def _half_sparse_a_dense_b():
+    """Dense(6) "a" at 50% sparsity feeding Dense(4) "b", excluded (left dense)."""
     inp = keras.Input((8,))
     x = keras.layers.Dense(6, name="a")(inp)
     out = keras.layers.Dense(4, name="b")(x)
-    model = keras_rigl.sparsify(keras.Model(inp, out), 0.5, exclude="b", seed=0)
+    return keras_rigl.sparsify(keras.Model(inp, out), 0.5, exclude="b", seed=0)
+
+
+def test_unmasked_layers_count_dense():
+    model = _half_sparse_a_dense_b()
     mf = counting.model_flops(model)
     assert mf.dense == F_D
     assert mf.sparse == 2 * 24 + 2 * 24  # a: 24 of 48 active; b dense (48 FLOPs)
@@ -227,10 +232,7 @@ def test_report_lists_the_dense_depthwise_kernel_of_a_masked_separable_conv():
 
 
 def test_report_lists_excluded_layers_dense():
-    inp = keras.Input((8,))
-    x = keras.layers.Dense(6, name="a")(inp)
-    out = keras.layers.Dense(4, name="b")(x)
-    model = keras_rigl.sparsify(keras.Model(inp, out), 0.5, exclude="b", seed=0)
+    model = _half_sparse_a_dense_b()
     report = keras_rigl.sparsity_report(model)
     assert [(r.layer, r.masked, r.params, r.active) for r in report.itertuples()] == [
         ("a", True, 48, 24),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras_rigl
-from conftest import sparse_cnn
+from conftest import sparse_cnn, tf_train_step
 
 
 def _model(seed=0):
@@ -17,20 +17,13 @@ def _model(seed=0):
 
 
 def _custom_loop(model, rigl, call_before_step):
-    import tensorflow as tf
-
     opt = keras.optimizers.SGD(0.01)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 8, 8, 1)).astype("float32")
     y = rng.integers(0, 10, 32)
 
-    @tf.function
-    def train_step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
+    train_step = tf_train_step(model, loss_fn, opt)
 
     rigl.attach(model)
     for step in range(1, 5):

@@ -7,7 +7,7 @@ import pytest
 import keras_rigl
 from keras_rigl import backend_capture, distributions
 
-from conftest import small_cnn
+from conftest import built_subclassed_model, small_cnn
 
 pytestmark = pytest.mark.any_backend  # no TensorFlow: also run on JAX and PyTorch
 
@@ -232,17 +232,7 @@ def test_errors_name_the_fix(cnn):
     unbuilt = keras.Sequential([keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="not built.*model.build"):
         keras_rigl.sparsify(unbuilt, 0.5)
-
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.d(x)
-
-    sub = Sub()
-    sub(np.zeros((1, 3), "float32"))
+    sub = built_subclassed_model()
     with pytest.raises(ValueError, match="subclassed.*Masked.*initialize_masks"):
         keras_rigl.sparsify(sub, 0.5)
     with pytest.raises(ValueError, match="no Masked layer"):

@@ -130,6 +130,25 @@ def test_kernel_that_cannot_carry_the_structure_is_refused_naming_exclude(spec, 
     assert "\n" not in message and "dense/kernel" in message and "exclude" in message
 
 
+@pytest.mark.parametrize("spec, shape, message", [
+    ("1x4", (6, 3), "dense/kernel has 6 inputs (shape (6, 3)), not a multiple of the block size of structure '1x4'; "
+                    "leave the layer dense with sparsify(..., exclude=[...]) or choose a k that divides 6."),
+    ("2:4", (3, 3, 6, 8), "dense/kernel has 6 inputs (shape (3, 3, 6, 8)), not a multiple of the group size M of "
+                          "structure '2:4'; leave the layer dense with sparsify(..., exclude=[...]) or choose an M "
+                          "that divides 6."),
+    ("1x4", (8,), "dense/kernel has shape (8,): structure '1x4' needs a kernel with input and output axes; "
+                  "leave the layer dense with sparsify(..., exclude=[...])."),
+    ("fan_in", (8,), "dense/kernel has shape (8,): structure 'fan_in' needs a kernel with input and output axes; "
+                     "leave the layer dense with sparsify(..., exclude=[...])."),
+])
+def test_shape_errors_are_worded_as_before_the_shared_check(spec, shape, message):
+    import keras_rigl.fan_in  # noqa: F401  (registers "fan_in")
+
+    with pytest.raises(ValueError) as info:
+        S.get(spec).check_shape(shape, "dense/kernel")
+    assert str(info.value) == message
+
+
 def test_unit_and_capacity():
     assert S.Blocks(4).unit((8, 3)) == 4 and S.Blocks(4).max_active((8, 3)) == 24
     assert S.NofM(2, 4).unit((8, 3)) == 1 and S.NofM(2, 4).max_active((8, 3)) == 12
