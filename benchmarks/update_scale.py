@@ -80,6 +80,14 @@ def stats(values):
     return min(values), statistics.median(values)
 
 
+_T0 = time.perf_counter()
+
+
+def progress(message):
+    """A line on stderr with the elapsed time: a ResNet50 run takes many minutes before its first result."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def masked_entries(model):
     return sum(int(np.prod(mw.mask.shape)) for l in keras_rigl.masked_layers(model) for mw in l.masked_weights)
 
@@ -98,6 +106,7 @@ def time_model(name, args):
         return keras_rigl.RigL(update_freq=args.update_freq, end_step=10**9, seed=seed, compiled=True)
 
     # warm-up: trace every train function, both step functions of RigL and both update paths
+    progress(f"{name}: warm-up (tracing the train functions)")
     dense.fit(x[: 2 * batch], y[: 2 * batch], **fit)
     masked.fit(x[: 2 * batch], y[: 2 * batch], **fit)
     rigl_model.fit(x[: 2 * batch], y[: 2 * batch], callbacks=[keras_rigl.RigL(update_freq=1, end_step=10**9, compiled=True)], **fit)
@@ -111,6 +120,7 @@ def time_model(name, args):
 
     times = {k: [] for k in ("dense fit", "masked fit", "rigl fit", "update numpy", "update compiled")}
     step_times = []
+    progress(f"{name}: warm-up done")
     for r in range(args.rounds):
         order = list(times) if r % 2 == 0 else list(reversed(times))
         for variant in order:
@@ -127,6 +137,7 @@ def time_model(name, args):
                 keras.ops.convert_to_numpy(rigl_model.weights[0])  # wait for the device
             times[variant].append(time.perf_counter() - t0)
         step_times.append(times["dense fit"][-1] / args.steps)
+        progress(f"{name}: round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
 
     dense_min, dense_med = stats(times["dense fit"])
     step_med = statistics.median(step_times)
