@@ -14,10 +14,11 @@ positions are the k largest. That full sort of every entry is kept
 (``full_sort=True``) as the plain statement of the order; the update itself
 selects partially, because the active count n of a weight is the same
 before and after every update (static for XLA): drop gathers the n active
-entries (``jnp.nonzero(..., size=n)``) and sorts those only; grow takes the
-k-th largest score bits by a ``lax.top_k`` of size n as a threshold, every
-entry above it, and fills up with the ties' largest hashes by a second
-``top_k`` (:func:`largest_by_top_k`). Same order, same masks.
+entries (``jnp.nonzero(..., size=n)``) and sorts those only; grow sorts
+only the entries at or above a floor taken from a strided sample of the
+scores, with the full sort as the fallback where the floor misses
+(:func:`largest_above_floor`). Same order, same masks. (``lax.top_k`` of
+size n was tried: on XLA CPU it cost more than the full single-key sort.)
 
 The host reads, per update, one active count per weight, computes
 k = floor(fraction * active) (float64, as the reference) and the three
@@ -76,14 +77,6 @@ def largest(high, low, eligible, k):
 _LOWEST = -(2**31)  # below every ordered score bit pattern (sanitized scores are finite) and ineligible
 
 
-def _signed(low):
-    """uint32 -> int32 with the same order (top_k and comparisons on signed values)."""
-    import jax
-    import jax.numpy as jnp
-
-    return jax.lax.bitcast_convert_type(low ^ jnp.uint32(0x80000000), jnp.int32)
-
-
 def largest_of_active(high, low, active, k, n_active):
     """:func:`largest` among the ``n_active`` (static) active entries: gathers and sorts those only."""
     import jax
@@ -96,38 +89,60 @@ def largest_of_active(high, low, active, k, n_active):
     return jnp.zeros(size, bool).at[order].set(rank >= n_active - k)
 
 
-def largest_by_top_k(high, low, eligible, k, bound):
-    """:func:`largest` with two ``top_k`` of static size ``bound`` (>= k) instead of a sort of every entry.
+_SAMPLE = 16384  # entries of the strided sample that sets grow's floor
 
-    The k-th largest ``high`` among eligible entries is a threshold t: every
-    entry above t is taken, and among those equal to t the largest ``low``
-    (distinct) fill up to k, found by a second top_k over the ties' ``low``.
+
+def largest_above_floor(high, low, eligible, k, bound):
+    """:func:`largest` without sorting every entry, for k <= ``bound`` (static).
+
+    A strided sample of the eligible ``high`` values gives a floor that about
+    1.5 k entries reach; if between k and ``2 bound + 1024`` (static) entries
+    reach it, only those are gathered and sorted (the k largest are among
+    them). Otherwise (a floor that misses: many ties, a skewed sample) the
+    full sort of :func:`largest` runs instead. The same selection either way.
     """
     import jax
     import jax.numpy as jnp
 
+    size = high.shape[0]
+    cap = min(size, 2 * bound + 1024)
+    stride = max(1, size // _SAMPLE)
     lowest = jnp.int32(_LOWEST)
     candidates = jnp.where(eligible, high, lowest)
-    top_high, _ = jax.lax.top_k(candidates, bound)
-    threshold = top_high[jnp.maximum(k - 1, 0)]
-    above = eligible & (candidates > threshold)
-    tie = eligible & (candidates == threshold)
-    wanted = k - jnp.sum(above, dtype=jnp.int32)  # ties to take, 0..k
-    tie_low = jnp.where(tie, _signed(low), lowest)
-    top_low, _ = jax.lax.top_k(tie_low, bound)
-    # lows are distinct among ties, so ">= the wanted-th largest" takes exactly `wanted`
-    # (a tie whose low is the sentinel value is the last one, taken only when all are)
-    low_threshold = top_low[jnp.maximum(wanted - 1, 0)]
-    taken = above | (tie & (tie_low >= low_threshold) & (wanted > 0))
-    return taken & (k > 0)
+    sample = jnp.sort(candidates[::stride])
+    m = sample.shape[0]
+    # rank from the top whose value about 1.5 k entries of the whole reach
+    rank = jnp.clip((3 * k * m + 2 * size - 1) // (2 * size), 1, m)
+    floor = sample[m - rank]
+    reaching = eligible & (candidates >= floor)
+    count = jnp.sum(reaching, dtype=jnp.int32)
+
+    def gathered(_):
+        (positions,) = jnp.nonzero(reaching, size=cap, fill_value=0)
+        real = jnp.arange(cap, dtype=jnp.int32) < count
+        # padding sorts first: its high is below every eligible entry's
+        _, _, order = jax.lax.sort(
+            (jnp.where(real, high[positions], lowest), jnp.where(real, low[positions], jnp.uint32(0)),
+             positions.astype(jnp.int32)),
+            num_keys=2,
+        )
+        chosen = (jnp.arange(cap, dtype=jnp.int32) >= cap - k).astype(jnp.int8)
+        # padding repeats position 0: an OR (max), not a set, so it cannot unset a chosen entry 0
+        return jnp.zeros(size, jnp.int8).at[order].max(chosen) != 0
+
+    def full(_):
+        return largest(high, low, eligible, k)
+
+    return jax.lax.cond((count >= k) & (count <= cap), gathered, full, None)
 
 
 def select(weight, mask, grow_scores, k, drop_key, grow_key, reinit_regrown, n_active=None):
     """One weight's update as flat booleans: ``(new_active, grown, removed, n_moved)``, as the reference.
 
     ``n_active`` (static, the mask's active count, which an update keeps):
-    drop sorts only the active entries and grow takes two ``top_k`` of that
-    size instead of sorting every entry. None: the full sorts (:func:`largest`).
+    drop sorts only the active entries and grow only the entries above a
+    floor from a strided sample (:func:`largest_above_floor`) instead of
+    sorting every entry. None: the full sorts (:func:`largest`).
     """
     import jax.numpy as jnp
 
@@ -150,7 +165,7 @@ def select(weight, mask, grow_scores, k, drop_key, grow_key, reinit_regrown, n_a
     elif n_active == 0:
         grow = jnp.zeros(size, bool)
     else:
-        grow = largest_by_top_k(grow_high, grow_low, ~keep, k, n_active)
+        grow = largest_above_floor(grow_high, grow_low, ~keep, k, n_active)
     new_active = keep | grow
     was = keep if reinit_regrown else active
     grown = grow & ~was

@@ -75,6 +75,22 @@ WORKER = textwrap.dedent(
                 got = partial_vs_full(w, m, scores, k, 5, grow_key)
                 assert got.sum() == 10
                 checked += 1
+    # 1c) a weight large enough for a strided sample (stride 2): all-zero scores (the floor is
+    # reached by more entries than the gathered set holds), a sample that sees only the large
+    # scores (the floor is reached by fewer than k), and normal scores (the floor holds)
+    size = 40000
+    m = (np.arange(size) % 13 == 0).astype("float32")
+    w = rng.normal(size=size).astype("float32") * m
+    n = int(m.sum())
+    for scores in (np.zeros(size, "float32"), np.where(np.arange(size) % 2 == 0, 10.0, 1.0).astype("float32"),
+                   np.abs(rng.normal(size=size)).astype("float32")):
+        for k in (1, n // 3, n):
+            ref = updates.drop_and_grow(w, m, scores, k / n, seed=9)
+            assert int(np.floor(k / n * n)) == k
+            got = partial_vs_full(w, m, scores, k, updates.stream_key(9, updates.STREAM_DROP),
+                                  updates.stream_key(9, updates.STREAM_GROW))
+            assert np.array_equal(got, ref.new_mask != 0), k
+            checked += 1
     # SET's random scores: the reference's numbers
     key = updates.stream_key(77, updates.STREAM_RANDOM)
     assert np.array_equal(np.asarray(cj.random_scores((5, 7), np.uint32(key))), updates.random_scores((5, 7), 77))
@@ -139,4 +155,4 @@ def test_jax_compiled_update_equals_the_numpy_reference(tmp_path):
     script.write_text(WORKER)
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([python, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert "JAX_COMPILED_OK 160" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "JAX_COMPILED_OK 169" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
