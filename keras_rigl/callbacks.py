@@ -87,7 +87,11 @@ class _DeviceEverActive:
         return self._count
 
     def numpy(self):
-        return ops.convert_to_numpy(self._update.ever_active[self._index]).astype(bool)
+        return ops.convert_to_numpy(self.value()).astype(bool)
+
+    def value(self):
+        """The record as the update keeps it (a device array: nothing read to the host)."""
+        return self._update.ever_active[self._index]
 
 
 def _accumulation_steps(optimizer):
@@ -514,7 +518,7 @@ class SparseTraining(keras.callbacks.Callback):
                 )
             self._compiled_update = cache[key]
             self._compiled_key = key
-            self._compiled_update.reset_ever_active([self._ever_active_array(mw) for mw in weights])
+            self._compiled_update.reset_ever_active([self._ever_active_value(mw) for mw in weights])
         counts = self._compiled_update(fraction, [item.seed for item in items])
         results = []
         for i, item in enumerate(items):
@@ -535,6 +539,13 @@ class SparseTraining(keras.callbacks.Callback):
     def _ever_active_array(self, mw):
         value = self._ever_active.get(id(mw.mask))
         return value.numpy() if isinstance(value, _DeviceEverActive) else value
+
+    def _ever_active_value(self, mw):
+        """The ever-active record of ``mw`` where it lives (a device array on JAX, NumPy elsewhere), or None."""
+        value = self._ever_active.get(id(mw.mask))
+        if isinstance(value, _DeviceEverActive):
+            return value.value() if keras.backend.backend() == "jax" else value.numpy()
+        return value
 
     def _float_fraction(self):
         if callable(self.drop_fraction):
@@ -560,6 +571,12 @@ class SparseTraining(keras.callbacks.Callback):
 
     def _record_active(self, mw):
         key = id(mw.mask)
+        if keras.backend.backend() == "jax":
+            # On the device: a fit start or an update reads no mask to the host.
+            current = ops.not_equal(mw.mask.value, 0)
+            previous = self._ever_active_value(mw)
+            self._ever_active[key] = current if previous is None else ops.logical_or(previous, current)
+            return
         current = ops.convert_to_numpy(mw.mask) != 0
         previous = self._ever_active_array(mw)
         self._ever_active[key] = (current if previous is None else previous) | current
@@ -574,13 +591,43 @@ class SparseTraining(keras.callbacks.Callback):
 
     def current_sparsity(self, model):
         """Sparsity over the masked weights of ``model`` (counted by :func:`keras_rigl.count_active`)."""
+        if keras.backend.backend() == "jax":
+            counted = self._count_active_on_device(model)
+            if counted is not None:
+                active, total = counted
+                return 1.0 - active / total if total else 0.0
         active, total = counting.count_active(model)
         return 1.0 - active / total if total else 0.0
 
+    @staticmethod
+    def _count_active_on_device(model):
+        """``(active, total)`` as :func:`keras_rigl.count_active`, reading two numbers instead of every mask.
+
+        None when a mask holds a value other than 0 and 1: ``count_active`` then says which.
+        """
+        masks = [mw.mask.value for layer in masked_layers(model) for mw in layer.masked_weights]
+        if not masks:
+            return None
+        active = bad = 0
+        for mask in masks:
+            active = ops.add(active, ops.sum(ops.cast(ops.not_equal(mask, 0), "int32")))
+            bad = ops.add(bad, ops.sum(ops.cast(ops.logical_and(ops.not_equal(mask, 0), ops.not_equal(mask, 1)), "int32")))
+        active, bad = ops.convert_to_numpy(ops.stack([active, bad])).tolist()
+        if bad:
+            return None
+        return int(active), sum(int(np.prod(mask.shape)) for mask in masks)
+
     def itop_rate(self):
         """In-time over-parameterisation: share of masked weights ever active so far."""
-        total = sum(m.size for m in self._ever_active.values())
-        return float(sum(int(m.sum()) for m in self._ever_active.values()) / total) if total else 0.0
+        total = sum(int(np.prod(m.shape)) if hasattr(m, "shape") else m.size for m in self._ever_active.values())
+        if not total:
+            return 0.0
+        counts = [m.sum() for m in self._ever_active.values()]  # device scalars on JAX: summed there, read once
+        on_device = [c for c in counts if not isinstance(c, (int, np.integer))]
+        host = sum(int(c) for c in counts if isinstance(c, (int, np.integer)))
+        if on_device:
+            host += int(ops.convert_to_numpy(ops.sum(ops.stack([ops.cast(c, "int32") for c in on_device]))))
+        return float(host / total)
 
     def _log_values(self, model):
         step = self.step or 0

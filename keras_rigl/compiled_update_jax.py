@@ -10,13 +10,20 @@ The reference orders entries by an int64 key ``(ordered float32 score bits,
 hash of index)``. JAX runs with 32-bit integers by default, so here the two
 halves stay two sort keys: ``jax.lax.sort`` over ``(eligible, score bits,
 hash, index)`` orders exactly as the int64 keys do, and the last k
-positions are the k largest. Shapes are static (XLA), so every selection
-sorts all entries of a weight: on a GPU that is a fraction of a training
-step; on a CPU the TensorFlow path's index-based selection is cheaper.
+positions are the k largest. That full sort of every entry is kept
+(``full_sort=True``) as the plain statement of the order; the update itself
+selects partially, because the active count n of a weight is the same
+before and after every update (static for XLA): drop gathers the n active
+entries (``jnp.nonzero(..., size=n)``) and sorts those only; grow sorts
+only the entries at or above a floor taken from a strided sample of the
+scores, with the full sort as the fallback where the floor misses
+(:func:`largest_above_floor`). Same order, same masks. (``lax.top_k`` of
+size n was tried: on XLA CPU it cost more than the full single-key sort.)
 
-The host computes, per update, k = floor(fraction * active) (float64, as the
-reference) and the three 32-bit stream keys of each weight's seed, and gets
-back the counts the logs need.
+The host reads, per update, one active count per weight, computes
+k = floor(fraction * active) (float64, as the reference) and the three
+32-bit stream keys of each weight's seed, and gets back the counts the logs
+need; no mask, weight or score crosses to the host.
 """
 
 from __future__ import annotations
@@ -67,18 +74,98 @@ def largest(high, low, eligible, k):
     return jnp.zeros(size, bool).at[order].set(index >= size - k)
 
 
-def select(weight, mask, grow_scores, k, drop_key, grow_key, reinit_regrown):
-    """One weight's update as flat booleans: ``(new_active, grown, removed, n_moved)``, as the reference."""
+_LOWEST = -(2**31)  # below every ordered score bit pattern (sanitized scores are finite) and ineligible
+
+
+def largest_of_active(high, low, active, k, n_active):
+    """:func:`largest` among the ``n_active`` (static) active entries: gathers and sorts those only."""
+    import jax
+    import jax.numpy as jnp
+
+    size = high.shape[0]
+    (positions,) = jnp.nonzero(active, size=n_active)
+    rank = jnp.arange(n_active, dtype=jnp.int32)
+    *_, order = jax.lax.sort((high[positions], low[positions], positions.astype(jnp.int32)), num_keys=2)
+    return jnp.zeros(size, bool).at[order].set(rank >= n_active - k)
+
+
+_SAMPLE = 16384  # entries of the strided sample that sets grow's floor
+
+
+def largest_above_floor(high, low, eligible, k, bound):
+    """:func:`largest` without sorting every entry, for k <= ``bound`` (static).
+
+    A strided sample of the eligible ``high`` values gives a floor that about
+    1.5 k entries reach; if between k and ``2 bound + 1024`` (static) entries
+    reach it, only those are gathered and sorted (the k largest are among
+    them). Otherwise (a floor that misses: many ties, a skewed sample) the
+    full sort of :func:`largest` runs instead. The same selection either way.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    size = high.shape[0]
+    cap = min(size, 2 * bound + 1024)
+    stride = max(1, size // _SAMPLE)
+    lowest = jnp.int32(_LOWEST)
+    candidates = jnp.where(eligible, high, lowest)
+    sample = jnp.sort(candidates[::stride])
+    m = sample.shape[0]
+    # rank from the top whose value about 1.5 k entries of the whole reach
+    rank = jnp.clip((3 * k * m + 2 * size - 1) // (2 * size), 1, m)
+    floor = sample[m - rank]
+    reaching = eligible & (candidates >= floor)
+    count = jnp.sum(reaching, dtype=jnp.int32)
+
+    def gathered(_):
+        (positions,) = jnp.nonzero(reaching, size=cap, fill_value=0)
+        real = jnp.arange(cap, dtype=jnp.int32) < count
+        # padding sorts first: its high is below every eligible entry's
+        _, _, order = jax.lax.sort(
+            (jnp.where(real, high[positions], lowest), jnp.where(real, low[positions], jnp.uint32(0)),
+             positions.astype(jnp.int32)),
+            num_keys=2,
+        )
+        chosen = (jnp.arange(cap, dtype=jnp.int32) >= cap - k).astype(jnp.int8)
+        # padding repeats position 0: an OR (max), not a set, so it cannot unset a chosen entry 0
+        return jnp.zeros(size, jnp.int8).at[order].max(chosen) != 0
+
+    def full(_):
+        return largest(high, low, eligible, k)
+
+    return jax.lax.cond((count >= k) & (count <= cap), gathered, full, None)
+
+
+def select(weight, mask, grow_scores, k, drop_key, grow_key, reinit_regrown, n_active=None):
+    """One weight's update as flat booleans: ``(new_active, grown, removed, n_moved)``, as the reference.
+
+    ``n_active`` (static, the mask's active count, which an update keeps):
+    drop sorts only the active entries and grow only the entries above a
+    floor from a strided sample (:func:`largest_above_floor`) instead of
+    sorting every entry. None: the full sorts (:func:`largest`).
+    """
     import jax.numpy as jnp
 
     size = mask.size
     index = jnp.arange(size, dtype=jnp.uint32)
     active = mask.reshape(-1) != 0
     drop_hash = _hash32(index ^ drop_key)
+    drop_high, drop_low = ~_ordered_bits(jnp.abs(weight.reshape(-1))), ~drop_hash
+    grow_high, grow_low = _ordered_bits(grow_scores.reshape(-1)), _hash32(index ^ grow_key)
     # the reference drops the largest ~key (bitwise invert of the int64 key = both halves inverted)
-    dropped = largest(~_ordered_bits(jnp.abs(weight.reshape(-1))), ~drop_hash, active, k)
+    if n_active is None:
+        dropped = largest(drop_high, drop_low, active, k)
+    elif n_active == 0:
+        dropped = jnp.zeros(size, bool)
+    else:
+        dropped = largest_of_active(drop_high, drop_low, active, k, n_active)
     keep = active & ~dropped
-    grow = largest(_ordered_bits(grow_scores.reshape(-1)), _hash32(index ^ grow_key), ~keep, k)
+    if n_active is None:
+        grow = largest(grow_high, grow_low, ~keep, k)
+    elif n_active == 0:
+        grow = jnp.zeros(size, bool)
+    else:
+        grow = largest_above_floor(grow_high, grow_low, ~keep, k, n_active)
     new_active = keep | grow
     was = keep if reinit_regrown else active
     grown = grow & ~was
@@ -104,8 +191,9 @@ class CompiledUpdateJax:
     """
 
     def __init__(self, masked_weights, grow_by="gradient", reinit_regrown=False, optimizer=None,
-                 reset_optimizer_state=True, track_ever_active=False, ever_active=None):
+                 reset_optimizer_state=True, track_ever_active=False, ever_active=None, full_sort=False):
         import jax
+        import jax.numpy as jnp
 
         if keras.backend.backend() != "jax":
             raise ValueError(f"CompiledUpdateJax needs the JAX backend, not {keras.backend.backend()!r}.")
@@ -125,14 +213,20 @@ class CompiledUpdateJax:
         if track_ever_active:
             self.reset_ever_active(ever_active or [None] * len(self.masked_weights))
         self._slot_lists = [self._slots(mw) for mw in self.masked_weights]
-        self._function = jax.jit(self._update_all)
+        # full_sort: the selection by a sort of every entry (before the partial
+        # selection; kept for benchmarks/update_scale_jax.py's comparison)
+        self.full_sort = bool(full_sort)
+        self._function = jax.jit(self._update_all, static_argnums=(7,))
+        self._count_active = jax.jit(lambda masks: jnp.stack([jnp.sum(m != 0, dtype=jnp.int32) for m in masks]))
 
     def reset_ever_active(self, arrays):
         """Start the ever-active record again from ``arrays`` (None: the mask now)."""
         import jax.numpy as jnp
 
+        # Device arrays stay on the device (a record kept by the callback between
+        # fits); only a NumPy start crosses, host to device.
         self.ever_active = [
-            jnp.asarray(keras.ops.convert_to_numpy(mw.mask) != 0 if start is None else np.asarray(start, bool))
+            (mw.mask.value != 0) if start is None else jnp.asarray(start).astype(bool)
             for mw, start in zip(self.masked_weights, arrays)
         ]
 
@@ -141,7 +235,7 @@ class CompiledUpdateJax:
             return []
         return optimizer_state.slot_variables(self.optimizer, mw.weight)
 
-    def _update_all(self, weights, masks, scores, slots, ever, ks, keys):
+    def _update_all(self, weights, masks, scores, slots, ever, ks, keys, n_actives):
         import jax.numpy as jnp
 
         out_weights, out_masks, out_slots, out_ever, counts = [], [], [], [], []
@@ -149,7 +243,7 @@ class CompiledUpdateJax:
             drop_key, grow_key, random_key = keys[i, 0], keys[i, 1], keys[i, 2]
             grow_scores = random_scores(mask.shape, random_key) if self.grow_by == "random" else jnp.abs(scores[i])
             new_active, grown, removed, n_moved = select(weight, mask, grow_scores, ks[i], drop_key, grow_key,
-                                                         self.reinit_regrown)
+                                                         self.reinit_regrown, n_active=n_actives[i])
             new_active, grown = new_active.reshape(mask.shape), grown.reshape(mask.shape)
             changed = grown | removed.reshape(mask.shape)
             new_weight = jnp.where(grown, jnp.zeros_like(weight), weight) * new_active.astype(weight.dtype)
@@ -177,19 +271,23 @@ class CompiledUpdateJax:
         seeds = np.asarray(seeds, dtype=np.uint64)
         if seeds.shape != (len(self.masked_weights),):
             raise ValueError(f"Expected {len(self.masked_weights)} seeds (one per masked weight), got shape {seeds.shape}.")
-        ks = []
-        for mw in self.masked_weights:
-            mask = keras.ops.convert_to_numpy(mw.mask)
-            n_active, size = int(np.count_nonzero(mask)), mask.size
-            # floor(f * n) in float64, as the reference; dense and empty weights are left alone
-            ks.append(int(math.floor(float(fraction) * n_active)) if 0 < n_active < size else 0)
+        masks = [mw.mask.value for mw in self.masked_weights]
+        # One read of one count per weight (not the masks): k = floor(f * n) in
+        # float64 as the reference, which 32-bit JAX cannot do on the device.
+        ks, n_actives = [], []
+        for mask, n_active in zip(masks, np.asarray(self._count_active(masks)).tolist()):
+            # dense and empty weights are left alone
+            movable = 0 < n_active < mask.size
+            ks.append(int(math.floor(float(fraction) * n_active)) if movable else 0)
+            # static: an update keeps each count, so the function is traced once per mask layout
+            n_actives.append(None if self.full_sort else (n_active if movable else 0))
         keys = np.array([[updates.stream_key(int(s), stream) for stream in
                           (updates.STREAM_DROP, updates.STREAM_GROW, updates.STREAM_RANDOM)] for s in seeds], np.uint32)
         scores = [mw.capture.read() if self.grow_by == "gradient" else None for mw in self.masked_weights]
         weights, masks, slots, ever, counts = self._function(
-            [mw.weight.value for mw in self.masked_weights], [mw.mask.value for mw in self.masked_weights],
+            [mw.weight.value for mw in self.masked_weights], masks,
             scores, [[s.value for s, _ in slot_list] for slot_list in self._slot_lists], self.ever_active,
-            np.asarray(ks, np.int32), keys,
+            np.asarray(ks, np.int32), keys, tuple(n_actives),
         )
         for mw, weight, mask, slot_list, new_slots in zip(self.masked_weights, weights, masks, self._slot_lists, slots):
             mw.weight.assign(weight)

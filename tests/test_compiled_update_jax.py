@@ -41,15 +41,56 @@ WORKER = textwrap.dedent(
         seed = int(rng.integers(0, 2**32))
         reinit = bool(rng.integers(0, 2))
         ref = updates.drop_and_grow(w, m, scores, fraction, seed=seed, reinit_regrown=reinit)
-        k = int(np.floor(fraction * int(m.sum())))
-        new_active, grown, removed, n_moved = cj.select(
-            w, m, np.abs(scores), k, np.uint32(updates.stream_key(seed, updates.STREAM_DROP)),
-            np.uint32(updates.stream_key(seed, updates.STREAM_GROW)), reinit)
-        assert np.array_equal(np.asarray(new_active).reshape(shape), ref.new_mask != 0), trial
-        assert np.array_equal(np.asarray(grown).reshape(shape), ref.grown), trial
-        assert np.array_equal(np.asarray(removed).reshape(shape), ref.removed), trial
-        assert int(n_moved) == ref.n_moved, trial
+        n = int(m.sum())
+        k = int(np.floor(fraction * n))
+        # the full sorts (n_active=None) and the partial selection (the active count, static;
+        # CompiledUpdateJax leaves dense and empty weights alone, with k = 0 and n_active = 0)
+        for n_active in (None, n) if 0 < n < m.size else (None,):
+            new_active, grown, removed, n_moved = cj.select(
+                w, m, np.abs(scores), k, np.uint32(updates.stream_key(seed, updates.STREAM_DROP)),
+                np.uint32(updates.stream_key(seed, updates.STREAM_GROW)), reinit, n_active=n_active)
+            assert np.array_equal(np.asarray(new_active).reshape(shape), ref.new_mask != 0), (trial, n_active)
+            assert np.array_equal(np.asarray(grown).reshape(shape), ref.grown), (trial, n_active)
+            assert np.array_equal(np.asarray(removed).reshape(shape), ref.removed), (trial, n_active)
+            assert int(n_moved) == ref.n_moved, (trial, n_active)
         checked += 1
+
+    # 1b) where a threshold of the partial selection misses: ties at the k-th score larger than
+    # the ties wanted, all scores equal, k = every active entry, and the tie whose hash is 0
+    # (index == grow key: its low half is the top_k sentinel value)
+    def partial_vs_full(w, m, scores, k, drop_key, grow_key):
+        n = int(m.sum())
+        full = cj.select(w, m, scores, k, np.uint32(drop_key), np.uint32(grow_key), False)
+        part = cj.select(w, m, scores, k, np.uint32(drop_key), np.uint32(grow_key), False, n_active=n)
+        for a, b in zip(full, part):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), (k, drop_key, grow_key, np.asarray(a), np.asarray(b))
+        return np.asarray(part[0])
+    m = np.zeros(40, "float32"); m[::4] = 1  # 10 active
+    w = np.linspace(-1, 1, 40).astype("float32") * m
+    for grow_key in (0, 3, 17, 2**32 - 1):
+        for scores in (np.zeros(40, "float32"), np.ones(40, "float32"),
+                       np.where(np.arange(40) % 3 == 0, 1.0, 0.0).astype("float32"),
+                       np.where(np.arange(40) < 5, 2.0, 1.0).astype("float32")):
+            for k in (0, 1, 4, 9, 10):
+                got = partial_vs_full(w, m, scores, k, 5, grow_key)
+                assert got.sum() == 10
+                checked += 1
+    # 1c) a weight large enough for a strided sample (stride 2): all-zero scores (the floor is
+    # reached by more entries than the gathered set holds), a sample that sees only the large
+    # scores (the floor is reached by fewer than k), and normal scores (the floor holds)
+    size = 40000
+    m = (np.arange(size) % 13 == 0).astype("float32")
+    w = rng.normal(size=size).astype("float32") * m
+    n = int(m.sum())
+    for scores in (np.zeros(size, "float32"), np.where(np.arange(size) % 2 == 0, 10.0, 1.0).astype("float32"),
+                   np.abs(rng.normal(size=size)).astype("float32")):
+        for k in (1, n // 3, n):
+            ref = updates.drop_and_grow(w, m, scores, k / n, seed=9)
+            assert int(np.floor(k / n * n)) == k
+            got = partial_vs_full(w, m, scores, k, updates.stream_key(9, updates.STREAM_DROP),
+                                  updates.stream_key(9, updates.STREAM_GROW))
+            assert np.array_equal(got, ref.new_mask != 0), k
+            checked += 1
     # SET's random scores: the reference's numbers
     key = updates.stream_key(77, updates.STREAM_RANDOM)
     assert np.array_equal(np.asarray(cj.random_scores((5, 7), np.uint32(key))), updates.random_scores((5, 7), 77))
@@ -114,4 +155,4 @@ def test_jax_compiled_update_equals_the_numpy_reference(tmp_path):
     script.write_text(WORKER)
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([python, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert "JAX_COMPILED_OK 80" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "JAX_COMPILED_OK 169" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
