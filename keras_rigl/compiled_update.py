@@ -260,6 +260,20 @@ class UpdateCounts:
     n_ever_active: np.ndarray  # entries active at some point so far (-1 unless track_ever_active)
 
 
+def check_grow_by(grow_by, masked_weights):
+    """``grow_by`` if it is known and the weights keep what it needs (the dense gradient for "gradient")."""
+    if grow_by not in GROW_BY:
+        raise ValueError(f"grow_by must be one of {GROW_BY}, got {grow_by!r}.")
+    if grow_by == "gradient":
+        missing = [mw.path for mw in masked_weights if mw.capture is None]
+        if missing:
+            raise ValueError(
+                f"grow_by='gradient' needs the captured dense gradient, which these weights do not keep: "
+                f"{missing}. Build them with Masked(..., capture_gradients=True) (the default)."
+            )
+    return grow_by
+
+
 class CompiledUpdate:
     """Drop and grow in every given masked weight at once, on the device.
 
@@ -296,17 +310,8 @@ class CompiledUpdate:
                  fuse_keys=True, by_index=None):
         import tensorflow as tf
 
-        if grow_by not in GROW_BY:
-            raise ValueError(f"grow_by must be one of {GROW_BY}, got {grow_by!r}.")
         self.masked_weights = list(masked_weights)
-        if grow_by == "gradient":
-            missing = [mw.path for mw in self.masked_weights if mw.capture is None]
-            if missing:
-                raise ValueError(
-                    f"grow_by='gradient' needs the captured dense gradient, which these weights do not keep: "
-                    f"{missing}. Use the TensorFlow backend and Masked(..., capture_gradients=True)."
-                )
-        self.grow_by = grow_by
+        self.grow_by = check_grow_by(grow_by, self.masked_weights)
         self.reinit_regrown = bool(reinit_regrown)
         self.optimizer = optimizer
         self.reset_optimizer_state = bool(reset_optimizer_state)

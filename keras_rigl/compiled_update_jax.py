@@ -34,7 +34,7 @@ import keras
 import numpy as np
 
 from keras_rigl import optimizer_state, updates
-from keras_rigl.compiled_update import GROW_BY, UpdateCounts
+from keras_rigl.compiled_update import UpdateCounts, check_grow_by
 
 
 def _hash32(x):
@@ -197,15 +197,8 @@ class CompiledUpdateJax:
 
         if keras.backend.backend() != "jax":
             raise ValueError(f"CompiledUpdateJax needs the JAX backend, not {keras.backend.backend()!r}.")
-        if grow_by not in GROW_BY:
-            raise ValueError(f"grow_by must be one of {GROW_BY}, got {grow_by!r}.")
         self.masked_weights = list(masked_weights)
-        if grow_by == "gradient":
-            missing = [mw.path for mw in self.masked_weights if mw.capture is None]
-            if missing:
-                raise ValueError(f"grow_by='gradient' needs the dense gradient, which these weights do not keep: "
-                                 f"{missing}. Use Masked(..., capture_gradients=True).")
-        self.grow_by = grow_by
+        self.grow_by = check_grow_by(grow_by, self.masked_weights)
         self.reinit_regrown = bool(reinit_regrown)
         self.optimizer = optimizer
         self.reset_optimizer_state = bool(reset_optimizer_state)

@@ -272,3 +272,19 @@ def test_compiled_true_refuses_what_it_cannot_compile():
     auto = DropByGradient(update_freq=1, end_step=100)  # default: falls back to NumPy
     model.fit(x, y, batch_size=8, epochs=1, callbacks=[auto], verbose=0)
     assert auto._compiled_update is None and len(auto.updates) > 0
+
+
+class _FakeMaskedWeight:
+    def __init__(self, path, capture):
+        self.path, self.capture = path, capture
+
+
+def test_check_grow_by_names_the_weights_without_a_capture():
+    # shared by the TensorFlow and the JAX compiled update
+    from keras_rigl.compiled_update import check_grow_by
+
+    with pytest.raises(ValueError, match=r"\['d/kernel'\].*capture_gradients=True"):
+        check_grow_by("gradient", [_FakeMaskedWeight("d/kernel", None), _FakeMaskedWeight("e/kernel", object())])
+    assert check_grow_by("random", [_FakeMaskedWeight("d/kernel", None)]) == "random"
+    with pytest.raises(ValueError, match="grow_by must be one of"):
+        check_grow_by("magnitude", [])
