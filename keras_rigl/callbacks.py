@@ -404,6 +404,7 @@ class SparseTraining(keras.callbacks.Callback):
         ):
             return self._drop_and_grow_all_compiled(items, fraction, optimizer)
         results = []
+        progress = self.schedule.progress(step) if self.schedule is not None else None
         for item in items:
             mw = item.masked_weight
             # The layer's structure ranks and keeps its invariant (unstructured: updates.drop_and_grow).
@@ -415,6 +416,7 @@ class SparseTraining(keras.callbacks.Callback):
                 seed=item.seed,
                 reinit_regrown=self.reinit_regrown,
                 drop_scores=item.drop_scores,
+                progress=progress,
             )
             updates.apply_update(mw.weight, mw.mask, result, self._grow_values(item.layer, mw, result, item.seed))
             if self.reset_optimizer_state and optimizer is not None:

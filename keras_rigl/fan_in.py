@@ -59,6 +59,7 @@ from keras_rigl import structure as structures
 from keras_rigl import updates, validation
 
 DEFAULT_ABLATION_THRESHOLD = 0.3  # SRigL's gamma_sal (configs/config.yaml: min_salient_weights_per_neuron)
+STREAM_ABLATE = 0x03707344  # tie-break stream of the unit target's ranking (next hex digits of pi)
 
 
 @dataclasses.dataclass
@@ -171,18 +172,46 @@ def salient_counts(keep_keys, grow_keys, active, n_keep, n_prune, units):
     return np.count_nonzero(salient.reshape(-1, units), axis=0)
 
 
-def ablation_decision(counts, threshold_fraction, budget_, dense_fan_in_):
-    """Bool per unit: ablated (fewer salient entries than SRigL's threshold), keeping enough units alive."""
+def units_to_ablate(unit_sparsity, progress, units):
+    """Units a unit target wants ablated at an update ``progress`` (0..1) through the update plan.
+
+    ``round(unit_sparsity * units * (1 - (1 - progress)^3))``: the cubic ramp of
+    gradual pruning (Zhu & Gupta 2017), which Chase (Yin et al. 2023) uses for
+    its channels; ``progress`` None (an update outside a plan) is the target.
+    """
+    if not unit_sparsity:
+        return 0
+    p = 1.0 if progress is None else min(1.0, max(0.0, float(progress)))
+    return int(math.floor(float(unit_sparsity) * units * (1.0 - (1.0 - p) ** 3) + 0.5))
+
+
+def ablation_decision(counts, threshold_fraction, budget_, dense_fan_in_, n_required=0, ablate_first=None):
+    """Bool per unit: ablated, keeping enough units alive to hold the budget.
+
+    SRigL's rule: fewer salient entries (``counts``) than its threshold. Under a
+    unit target (``ablate_first`` given: a key per unit, ``updates.EXCLUDED`` for
+    units ablated already), ablated units stay so and more are ablated,
+    smallest key first, until ``n_required`` are.
+    """
     units = counts.size
-    if threshold_fraction == 0:
-        return np.zeros(units, dtype=bool)
-    threshold = max(1, int(threshold_fraction * (budget_ // units)))
     min_units = budget_ // dense_fan_in_  # SRigL's min_neurons: one more than this must stay
     if min_units >= units:
         return np.zeros(units, dtype=bool)  # the budget needs every unit at full fan-in
-    floor = int(np.sort(counts)[::-1][min_units])
-    threshold = min(threshold, floor)
-    return counts < threshold
+    ablated = np.zeros(units, dtype=bool)
+    if threshold_fraction != 0:
+        threshold = max(1, int(threshold_fraction * (budget_ // units)))
+        floor = int(np.sort(counts)[::-1][min_units])
+        ablated = counts < min(threshold, floor)
+    if ablate_first is not None:
+        before = ablate_first == updates.EXCLUDED
+        ablated |= before
+        spare = units - min_units - 1
+        # SRigL's rule on top of the units ablated before can leave too few: revive its most salient ones
+        revive = [u for u in np.argsort(-counts, kind="stable") if ablated[u] and not before[u]]
+        ablated[revive[: max(0, int(ablated.sum()) - spare)]] = False
+        order = [u for u in np.argsort(ablate_first, kind="stable") if not ablated[u]]
+        ablated[order[: max(0, min(n_required, spare) - int(ablated.sum()))]] = True
+    return ablated
 
 
 def drop_and_grow(
@@ -194,13 +223,18 @@ def drop_and_grow(
     reinit_regrown=False,
     drop_scores=None,
     ablation_threshold=DEFAULT_ABLATION_THRESHOLD,
+    unit_sparsity=0.0,
+    progress=None,
 ):
     """One SRigL update of one masked weight (see the module docstring).
 
     Arguments as :func:`keras_rigl.updates.drop_and_grow`, plus
     ``ablation_threshold`` (SRigL's gamma_sal, a fraction of the layer's
-    constant fan-in; 0 turns ablation off). The mask must hold the rule
-    (:func:`holds`), as :func:`initial_mask` and every update leave it.
+    constant fan-in; 0 turns ablation off), ``unit_sparsity`` (a target
+    share of ablated units, reached by :func:`units_to_ablate` over the
+    plan's ``progress``: Chase's channel sparsity) and ``progress``. The mask
+    must hold the rule (:func:`holds`), as :func:`initial_mask` and every
+    update leave it.
 
     Returns:
         :class:`FanInUpdateResult`.
@@ -235,7 +269,17 @@ def drop_and_grow(
     )
 
     counts = salient_counts(drop_keys, grow_keys, active, n_keep, n_prune, units)
-    ablated = ablation_decision(counts, float(ablation_threshold), budget_, full)
+    n_required = units_to_ablate(unit_sparsity, progress, units)
+    ablate_first = None
+    if unit_sparsity:
+        # Chase's channel score: the |w| a unit holds (the sum of its drop scores; every living unit has the
+        # same fan-in, so this orders as their mean); ablated units first (they stay so), ties by hash
+        held = np.where(active, updates.sanitize_scores(keep_scores, infinity), 0).astype(np.float64)
+        held = held.reshape(-1, units).sum(axis=0)
+        held = np.clip(held, -updates.FLOAT32_MAX, updates.FLOAT32_MAX).astype(np.float32)
+        keys = updates.order_keys(held, updates.element_hashes(units, updates.stream_key(seed, STREAM_ABLATE)))
+        ablate_first = np.where(unit_counts(m) == 0, updates.EXCLUDED, keys)
+    ablated = ablation_decision(counts, float(ablation_threshold), budget_, full, n_required, ablate_first)
     alive = units - int(ablated.sum())
     fan_in = budget_ // alive
 
@@ -262,11 +306,20 @@ def drop_and_grow(
 
 
 # ------------------------------------------------------------ the structure
+_NUMBER = r"\d*\.?\d+"
+
+
 def _parse(spec):
-    found = re.fullmatch(r"fan_in(?:\((\d*\.?\d+)\))?", spec)
-    if found is None:
+    """``fan_in``, ``fan_in(0.5)``, ``fan_in(unit_sparsity=0.5)``, ``fan_in(0.5,unit_sparsity=0.5)`` (spaces removed)."""
+    found = re.fullmatch(rf"fan_in(?:\(({_NUMBER})?(?:,?unit_sparsity=({_NUMBER}))?\))?", spec)
+    if found is None or spec.endswith("()"):
         return None
-    return {} if found.group(1) is None else {"ablation_threshold": float(found.group(1))}
+    arguments = {}
+    if found.group(1) is not None:
+        arguments["ablation_threshold"] = float(found.group(1))
+    if found.group(2) is not None:
+        arguments["unit_sparsity"] = float(found.group(2))
+    return arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_rigl")
@@ -281,7 +334,20 @@ class FanIn(structures.Structure):
             :func:`keras_rigl.sparsify` turns it off in layers whose units are
             model outputs (SRigL never ablates its last layer).
 
-    ``"fan_in"`` is this with the default; ``"fan_in(0.5)"`` sets the threshold.
+        unit_sparsity: a share of the units of every layer to ablate by the
+            end of the update plan, in [0, 1): Chase's channel sparsity (Yin et
+            al., NeurIPS 2023), so that :func:`keras_rigl.condense` gives a
+            model that is physically that much narrower. Reached gradually
+            (:func:`units_to_ablate`: a cubic ramp over the plan's progress)
+            by ablating the living units that hold the least |w| (the sum of
+            their drop scores); units ablated under a target stay ablated. The
+            layer's budget goes to the living units, so the model's sparsity
+            is unchanged. As many units as the budget allows (a layer whose
+            living units would need more than their dense fan-in keeps more);
+            never at the model's outputs. Default 0 (SRigL's rule alone).
+
+    ``"fan_in"`` is this with the defaults; ``"fan_in(0.5)"`` sets the threshold,
+    ``"fan_in(unit_sparsity=0.5)"`` the unit target (``"fan_in(0.3,unit_sparsity=0.5)"`` both).
     See the module docstring for the counting rule: the layer's count is a
     multiple of its units, and after an ablation the living units share the
     budget (``alive * (B // alive)`` active).
@@ -289,23 +355,30 @@ class FanIn(structures.Structure):
 
     name = "fan_in"
 
-    def __init__(self, ablation_threshold=DEFAULT_ABLATION_THRESHOLD):
+    def __init__(self, ablation_threshold=DEFAULT_ABLATION_THRESHOLD, unit_sparsity=0.0):
         self.ablation_threshold = validation.check_number(
             "ablation_threshold", ablation_threshold, 0.0, 1.0,
             hint=" (SRigL's gamma_sal: a fraction of the fan-in; 0 turns neuron ablation off)",
         )
+        self.unit_sparsity = validation.check_number(
+            "unit_sparsity", unit_sparsity, 0.0, 1.0, high_open=True,
+            hint=" (the share of each layer's units to ablate; 0 leaves it to SRigL's threshold)",
+        )
 
     @property
     def spec(self):
-        if self.ablation_threshold == DEFAULT_ABLATION_THRESHOLD:
-            return "fan_in"
-        return f"fan_in({self.ablation_threshold:g})"
+        arguments = []
+        if self.ablation_threshold != DEFAULT_ABLATION_THRESHOLD:
+            arguments.append(f"{self.ablation_threshold:g}")
+        if self.unit_sparsity:
+            arguments.append(f"unit_sparsity={self.unit_sparsity:g}")
+        return f"fan_in({','.join(arguments)})" if arguments else "fan_in"
 
     def get_config(self):
-        return {"ablation_threshold": self.ablation_threshold}
+        return {"ablation_threshold": self.ablation_threshold, "unit_sparsity": self.unit_sparsity}
 
     def at_model_output(self):
-        return FanIn(ablation_threshold=0.0)
+        return FanIn(ablation_threshold=0.0, unit_sparsity=0.0)
 
     def check_shape(self, shape, path="weight"):
         self._check_kernel_shape(shape, path)
@@ -321,10 +394,11 @@ class FanIn(structures.Structure):
         return holds(mask)
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
-                      drop_scores=None):
+                      drop_scores=None, progress=None):
         return drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=seed, reinit_regrown=reinit_regrown,
-                             drop_scores=drop_scores, ablation_threshold=self.ablation_threshold)
+                             drop_scores=drop_scores, ablation_threshold=self.ablation_threshold,
+                             unit_sparsity=self.unit_sparsity, progress=progress)
 
 
 structures.register_structure("fan_in", FanIn)  # listed by name in structure.get's error
-structures.register_structure(_parse, FanIn)  # "fan_in(0.5)"
+structures.register_structure(_parse, FanIn)  # "fan_in(0.5)", "fan_in(unit_sparsity=0.5)"

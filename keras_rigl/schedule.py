@@ -119,6 +119,10 @@ class UpdateSchedule:
             )
         return drop_fraction_at(step - self.plan_start, self.drop_fraction, self.end_step - self.plan_start, self.decay)
 
+    def progress(self, step):
+        """How far ``step`` is through the plan: 0 at ``plan_start``, 1 at ``end_step`` (clipped)."""
+        return min(1.0, max(0.0, (step - self.plan_start) / (self.end_step - self.plan_start)))
+
     def update_steps(self, last_step, first_step=1):
         """All update steps in ``[first_step, last_step]``."""
         start = max(first_step, self.plan_start + self.begin_step, self.plan_start + 1)

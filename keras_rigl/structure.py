@@ -14,8 +14,10 @@ structure="2:4")``). It answers, for one masked weight:
   ``scores`` first for ``mask_init="magnitude"``);
 * ``holds(mask)``: the invariant;
 * ``drop_and_grow(weight, mask, grow_scores, drop_fraction, seed, reinit_regrown,
-  drop_scores=None)``: the update as a pure NumPy function returning a
-  :class:`keras_rigl.updates.UpdateResult`; the active count never changes.
+  drop_scores=None, progress=None)``: the update as a pure NumPy function returning a
+  :class:`keras_rigl.updates.UpdateResult`; the active count never changes
+  (``progress``, the share of the update plan gone by, is for structures whose
+  update changes over training, as ``fan_in``'s unit target).
 
 Axis convention. The last axis of a kernel is the output unit (Dense
 ``(in, out)``, Conv ``(..., in, out)``) and the **input axis** is the one before
@@ -163,8 +165,14 @@ class Structure:
         raise NotImplementedError
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
-                      drop_scores=None):
-        """One update; the same contract as :func:`keras_rigl.updates.drop_and_grow`."""
+                      drop_scores=None, progress=None):
+        """One update; the same contract as :func:`keras_rigl.updates.drop_and_grow`.
+
+        ``progress``: how far through its update plan this update is (0 at the
+        plan's start, 1 at ``end_step``; None outside a plan). A structure whose
+        update changes over training reads it (``fan_in``'s unit target); the
+        others ignore it.
+        """
         raise NotImplementedError
 
     # ----------------------------------------------------------- plumbing
@@ -228,7 +236,7 @@ class Unstructured(Structure):
         return True
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
-                      drop_scores=None):
+                      drop_scores=None, progress=None):
         return updates.drop_and_grow(weight, mask, grow_scores, drop_fraction, seed=seed,
                                      reinit_regrown=reinit_regrown, drop_scores=drop_scores)
 
@@ -305,7 +313,7 @@ class Blocks(Structure):
         return self._expand(chosen, shape)
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
-                      drop_scores=None):
+                      drop_scores=None, progress=None):
         w, m, on = self._numpy_arrays(weight, mask)
         shape = m.shape
         n_rows, per_row = _size(shape) // shape[-2], shape[-2] // self.k
@@ -403,7 +411,7 @@ class NofM(Structure):
         return self._ungroup(chosen, shape)
 
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
-                      drop_scores=None):
+                      drop_scores=None, progress=None):
         w, m, on = self._numpy_arrays(weight, mask)
         shape = m.shape
         size = on.size

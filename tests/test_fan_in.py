@@ -147,8 +147,11 @@ def test_a_mask_without_constant_fan_in_is_refused():
     gamma=st.sampled_from([0.0, 0.3, 0.9]),
     seed=st.integers(0, 2**31),
     reinit=st.booleans(),
+    unit_sparsity=st.sampled_from([0.0, 0.5]),
+    progress=st.floats(0.0, 1.0),
 )
-def test_every_update_keeps_constant_fan_in_and_the_budget(shape, density, fractions, gamma, seed, reinit):
+def test_every_update_keeps_constant_fan_in_and_the_budget(shape, density, fractions, gamma, seed, reinit,
+                                                            unit_sparsity, progress):
     rng = np.random.default_rng(seed)
     size = int(np.prod(shape))
     budget = fan_in.fan_in_count(shape, int(density * size))
@@ -158,7 +161,7 @@ def test_every_update_keeps_constant_fan_in_and_the_budget(shape, density, fract
         weight = (rng.normal(size=shape) * mask).astype("float32")
         grow = np.abs(rng.normal(size=shape)).astype("float32") * (rng.random(shape) < 0.7)
         result = fan_in.drop_and_grow(weight, mask, grow, fraction, seed=step, reinit_regrown=reinit,
-                                      ablation_threshold=gamma)
+                                      ablation_threshold=gamma, unit_sparsity=unit_sparsity, progress=progress)
         new = result.new_mask
         counts = fan_in.unit_counts(new)
         alive = int(np.count_nonzero(counts))
@@ -169,6 +172,98 @@ def test_every_update_keeps_constant_fan_in_and_the_budget(shape, density, fract
         assert fan_in.budget(shape, new.sum()) == budget and fan_in.holds(new)
         assert not (result.grown & ~(new > 0)).any()
         np.testing.assert_array_equal(result.removed, (mask > 0) & ~(new > 0))
-        if gamma == 0:
+        if gamma == 0 and unit_sparsity == 0:
             assert alive == shape[-1]
+        if unit_sparsity:
+            spare = shape[-1] - (budget // int(np.prod(shape[:-1])) + 1)  # units the budget lets go
+            assert int(result.ablated.sum()) >= min(fan_in.units_to_ablate(unit_sparsity, progress, shape[-1]), spare)
+            assert not (fan_in.ablated_units(mask) & ~result.ablated).any()  # ablated by the schedule: for good
         mask = new
+
+
+# ---------------------------------------------------- unit sparsity (Chase-style channel ablation)
+def test_the_unit_schedule_ramps_up_by_a_cubic_to_the_target():
+    # required ablated units = round(s * units * (1 - (1 - progress)^3)), as gradual pruning schedules do
+    assert fan_in.units_to_ablate(0.5, 0.0, 16) == 0
+    assert fan_in.units_to_ablate(0.5, 0.5, 16) == 7  # 8 * 0.875
+    assert fan_in.units_to_ablate(0.5, 0.953, 16) == 8  # the last update of a plan reaches the target
+    assert fan_in.units_to_ablate(0.5, 1.0, 16) == 8
+    assert fan_in.units_to_ablate(0.5, None, 16) == 8  # outside a plan: the target
+    assert fan_in.units_to_ablate(0.0, 1.0, 16) == 0
+    assert fan_in.units_to_ablate(0.25, 2.0, 10) == 3  # progress is clipped to [0, 1]; 2.5 rounds to 3 (half up)
+
+
+def _four_units():
+    # 4 units of 6 inputs, fan-in 2 (B = 8); |w| sums per unit: 9, 1, 5, 0.5
+    mask = _mask((6, 4), [{0, 1}, {0, 1}, {0, 1}, {0, 1}])
+    weight = np.zeros((6, 4), "float32")
+    weight[[0, 1], 0] = [5, -4]
+    weight[[0, 1], 1] = [0.6, -0.4]
+    weight[[0, 1], 2] = [3, 2]
+    weight[[0, 1], 3] = [-0.3, 0.2]
+    grow = np.zeros((6, 4), "float32")
+    grow[[4, 5], 0] = [9, 8]
+    grow[[2, 3], 2] = [7, 6]
+    grow[[2, 3], 1] = [0.5, 0.4]
+    return weight, mask, grow
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3])
+def test_unit_sparsity_ablates_the_units_of_least_magnitude_and_gives_their_budget_to_the_others(gamma):
+    weight, mask, grow = _four_units()
+    # drop_fraction 0.25: n_prune 2, n_keep 6. The schedule wants 0.5 * 4 = 2 units ablated: the two of the
+    # smallest |w| sum (units 1 and 3). With gamma 0.3 SRigL's rule ablates unit 3 (no salient entry) first.
+    result = fan_in.drop_and_grow(weight, mask, grow, 0.25, seed=0, ablation_threshold=gamma,
+                                  unit_sparsity=0.5, progress=1.0)
+    np.testing.assert_array_equal(result.ablated, [False, True, False, True])
+    assert result.fan_in == 4 and result.n_active == 8  # B = 8 over 2 living units
+    assert _columns(result.new_mask) == [{0, 1, 4, 5}, set(), {0, 1, 2, 3}, set()]
+    assert fan_in.holds(result.new_mask)
+
+
+def test_unit_sparsity_follows_the_progress_of_the_plan():
+    weight, mask, grow = _four_units()
+    early = fan_in.drop_and_grow(weight, mask, grow, 0.25, seed=0, ablation_threshold=0.0, unit_sparsity=0.5,
+                                 progress=0.1)  # 2 * (1 - 0.9^3) = 0.54 -> 1 unit
+    np.testing.assert_array_equal(early.ablated, [False, False, False, True])
+    none_yet = fan_in.drop_and_grow(weight, mask, grow, 0.25, seed=0, ablation_threshold=0.0, unit_sparsity=0.5,
+                                    progress=0.0)
+    assert not none_yet.ablated.any()
+
+
+def test_a_unit_ablated_by_the_schedule_stays_ablated():
+    # unit 3 is ablated already (B = 8: 3 living units of fan-in 2); its grow scores are the largest of all
+    mask = _mask((6, 4), [{0, 1}, {0, 1}, {0, 1}, set()])
+    weight = np.zeros((6, 4), "float32")
+    weight[[0, 1], 0], weight[[0, 1], 1], weight[[0, 1], 2] = [5, 4], [0.6, 0.4], [3, 2]
+    grow = np.zeros((6, 4), "float32")
+    grow[:, 3] = 100
+    kept = fan_in.drop_and_grow(weight, mask, grow, 0.5, seed=0, ablation_threshold=0.0, unit_sparsity=0.25,
+                                progress=1.0)
+    np.testing.assert_array_equal(kept.ablated, [False, False, False, True])
+    # without a unit target the same gradients bring it back (SRigL lets ablated units return)
+    back = fan_in.drop_and_grow(weight, mask, grow, 0.5, seed=0, ablation_threshold=0.0)
+    assert not back.ablated[3]
+
+
+def test_unit_sparsity_never_ablates_more_units_than_the_budget_can_spare():
+    # 4 units of 2 inputs, fan-in 1 (B = 4): at least 4 // 2 + 1 = 3 units must live, whatever the target
+    mask = _mask((2, 4), [{0}, {0}, {0}, {0}])
+    weight = np.array([[1, 0.5, 0.25, 0.125], [0, 0, 0, 0]], "float32")
+    result = fan_in.drop_and_grow(weight, mask, np.zeros((2, 4), "float32"), 0.5, seed=0, ablation_threshold=0.0,
+                                  unit_sparsity=0.9, progress=1.0)
+    np.testing.assert_array_equal(result.ablated, [False, False, False, True])
+    assert fan_in.holds(result.new_mask) and result.n_active == 3
+
+
+def test_srigl_rule_on_top_of_the_units_ablated_before_never_leaves_too_few_alive():
+    # 4 units of 2 inputs, B = 4: 3 must live. Unit 3 was ablated by the target; SRigL's rule (gamma 1) would
+    # ablate unit 2 (no salient entry) too: unit 2 lives on instead
+    mask = _mask((2, 4), [{0}, {0}, {0}, set()])
+    weight = np.array([[1, 0.5, 0.25, 0], [0, 0, 0, 0]], "float32")
+    grow = np.zeros((2, 4), "float32")
+    grow[1, 3] = 9
+    result = fan_in.drop_and_grow(weight, mask, grow, 0.5, seed=0, ablation_threshold=1.0, unit_sparsity=0.25,
+                                  progress=1.0)
+    np.testing.assert_array_equal(result.ablated, [False, False, False, True])
+    assert fan_in.holds(result.new_mask) and result.n_active == 3

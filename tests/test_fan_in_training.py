@@ -147,3 +147,60 @@ def test_save_and_load_keep_the_structure(tmp_path):
     check = _CheckEveryUpdate(again)
     again.fit(x, y, batch_size=16, epochs=1, callbacks=[keras_rigl.RigL(update_freq=1, seed=1), check], verbose=0)
     assert check.batches == 2
+
+
+def test_unit_sparsity_parses_and_round_trips():
+    target = keras_rigl.FanIn(unit_sparsity=0.5)
+    assert structure.get("fan_in(unit_sparsity=0.5)") == target and target.spec == "fan_in(unit_sparsity=0.5)"
+    both = keras_rigl.FanIn(0.2, unit_sparsity=0.25)
+    assert both.spec == "fan_in(0.2,unit_sparsity=0.25)" and structure.get(" fan_in(0.2, unit_sparsity=0.25)") == both
+    assert structure.get(structure.serialize(both)) == both
+    assert structure.get({"class_name": "keras_rigl>FanIn", "config": {"ablation_threshold": 0.3}}) == keras_rigl.FanIn()
+    assert target.at_model_output() == keras_rigl.FanIn(0.0)
+    for bad in (1.0, -0.1, "0.5"):
+        with pytest.raises(ValueError, match="unit_sparsity"):
+            keras_rigl.FanIn(unit_sparsity=bad)
+    for bad in ("fan_in()", "fan_in(unit_sparsity=)", "fan_in(units=0.5)"):
+        with pytest.raises(ValueError, match="Unknown structure"):
+            structure.get(bad)
+
+
+def test_unit_sparsity_in_fit_ablates_the_target_and_condense_removes_it():
+    # 0.8 sparse (ERK): conv1 is dense (no unit can go), the other hidden layers have room to lose half
+    sparse = _example_cnn(sparsity=0.8, structure_spec="fan_in(0,unit_sparsity=0.5)")
+    sparse.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    before = keras_rigl.count_active(sparse)[0]
+    rigl = keras_rigl.RigL(update_freq=2, drop_fraction=0.3, seed=0)
+    check = _CheckEveryUpdate(sparse)
+    dead_after = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: dead_after.append(
+        int(fan_in.ablated_units(_masks(sparse)["conv2"]).sum())))
+    sparse.fit(x, y, batch_size=16, epochs=4, callbacks=[rigl, check, record], verbose=0)  # 16 steps, end_step 12
+    # the plan's progress reaches the structure: the first update (step 2 of 12) ablates
+    # round(0.5 * 32 * (1 - (10/12)^3)) = 7 of conv2's channels, not the whole target of 16
+    assert dead_after[1] == 7 and dead_after[-1] == 16, dead_after
+    masks = _masks(sparse)
+    for name, mask in masks.items():
+        units = mask.shape[-1]
+        dead = int(fan_in.ablated_units(mask).sum())
+        full = int(np.prod(mask.shape[:-1]))
+        if name == "logits":
+            assert dead == 0
+            continue
+        budget = fan_in.budget(mask.shape, mask.sum())
+        assert dead == max(0, min(units // 2, units - budget // full - 1)), (name, dead)
+        assert (dead == 0) == (name == "conv1"), name
+    # the budget goes to the living units: the model's active count moves by less than one unit per layer
+    assert abs(keras_rigl.count_active(sparse)[0] - before) <= sum(m.shape[-1] for m in masks.values())
+
+    small, report = keras_rigl.condense(sparse, return_report=True)
+    probe = np.random.default_rng(5).normal(size=(32, 8, 8, 1)).astype("float32")
+    np.testing.assert_allclose(small.predict(probe, verbose=0), keras_rigl.strip(sparse).predict(probe, verbose=0),
+                               atol=1e-5, rtol=1e-5)
+    for name in ("conv1", "conv2", "conv3", "fc1"):
+        dead = int(fan_in.ablated_units(masks[name]).sum())
+        # conv1/conv2 feed "same"-padded convolutions: one ablated channel may stay as the carrier of constants
+        assert len(report.removed.get(name, [])) >= dead - (1 if name in ("conv1", "conv2") else 0), str(report)
+    assert small.count_params() < 0.5 * keras_rigl.strip(sparse).count_params()
