@@ -26,13 +26,13 @@ def _select(w, m, scores, fraction, seed, reinit):
     return as_np(new_active), as_np(grown), as_np(removed), int(keras.ops.convert_to_numpy(n_moved))
 
 
-def _select_by_index(w, m, scores, fraction, seed, reinit, sample_above, sample_stride):
+def _select_by_index(w, m, scores, fraction, seed, reinit, sample_above, sample_stride, margin=None):
     """select_indices on one weight, turned into the reference's boolean sets."""
     k = int(np.floor(float(fraction) * int((m != 0).sum())))
     t = keras.ops.convert_to_tensor
     dropped, grown_all, was_active, n_active = compiled_update.select_indices(
         t(w), t(m), t(scores), t(k, "int32"), t(seed, "int64"), reinit, sample_above=sample_above,
-        sample_stride=sample_stride)
+        sample_stride=sample_stride, margin=margin)
     as_np = keras.ops.convert_to_numpy
     dropped, grown_all, was_active = as_np(dropped), as_np(grown_all), as_np(was_active)
     assert len(dropped) == len(grown_all) == k and int(as_np(n_active)) == int((m != 0).sum())
@@ -75,9 +75,10 @@ def test_device_selection_is_bit_identical_to_the_reference(shape, density, frac
         scores.reshape(-1)[rng.integers(0, scores.size)] = special
     ref = _assert_same(w, m, scores, fraction, seed, reinit)
     assert ref.new_mask.sum() == m.sum()
-    # by index, without (size below) and with the sampled grow floor (stride 2 or 3 on these tiny weights)
-    for sample_above, stride in ((10**9, 61), (0, 2), (0, 3)):
-        got = _select_by_index(w, m, scores, fraction, seed, reinit, sample_above, stride)
+    # by index, without (size below) and with the sampled bracket (stride 2 or 3 on these tiny weights; a margin
+    # of 0 or 1 sample ranks makes the bracket miss often, so both its hit and its fallback are exercised)
+    for sample_above, stride, margin in ((10**9, 61, None), (0, 2, None), (0, 3, 1), (0, 2, 0)):
+        got = _select_by_index(w, m, scores, fraction, seed, reinit, sample_above, stride, margin)
         for a, b in zip(got[:3], (ref.new_mask != 0, ref.grown, ref.removed)):
             np.testing.assert_array_equal(a, b)
         assert got[3] == ref.n_moved
@@ -101,6 +102,22 @@ def test_the_sampled_floor_never_changes_the_selection():
         np.testing.assert_array_equal(np.flatnonzero(removed), np.arange(200))
         np.testing.assert_array_equal(np.flatnonzero(grown), expected_grow)
         assert n_moved == 200 and new_active.sum() == 400
+
+
+def test_the_sampled_drop_bracket_never_changes_the_selection():
+    """|w| built so that the sample of the active entries sees only large values: more than k active entries lie
+    below the bracket, and the drop must fall back to ranking every active entry."""
+    size, stride = 4000, 7
+    m = np.zeros(size, "float32")
+    m[:400] = 1.0
+    sampled = np.arange(size) % stride == 0  # positions 0..399 are also the active entries' ranks
+    w = np.where(sampled, 1.0, 1e-3 * (1 + np.arange(size))).astype("float32") * m
+    scores = np.linspace(0, 1, size).astype("float32")
+    for margin in (1, None):
+        new_active, grown, removed, n_moved = _select_by_index(w, m, scores, 0.5, 3, False, 0, stride, margin)
+        # by hand: the 200 smallest |w| are the first 200 active entries off the sample
+        np.testing.assert_array_equal(np.flatnonzero(removed), np.flatnonzero(~sampled[:400])[:200])
+        assert new_active.sum() == 400 and n_moved == 200
 
 
 def test_edge_cases_k_zero_everything_dropped_all_equal():
