@@ -6,9 +6,12 @@ structure="2:4")``). It answers, for one masked weight:
 
 * ``check_shape(shape, path)``: can this weight carry the structure? (a one-line
   ValueError naming the fix if not);
-* ``unit(shape)``: the active count moves in steps of this many entries (k for
-  "1xk": whole blocks), and ``max_density(shape)`` / ``max_active(shape)``: the
-  most it can hold (N/M for "N:M");
+* ``unit(shape)``: the active count is a multiple of this many entries (k for
+  "1xk": whole blocks), ``max_density(shape)`` / ``max_active(shape)``: the
+  most it can hold (N/M for "N:M"), and ``count_steps(shape)``: the counts it
+  can hold, which the distributions round to (the multiples of the unit up to
+  the most, unless a structure says otherwise: "1xk" over inputs that are not
+  a multiple of k);
 * ``initial_mask(shape, n_active, rng, scores=None)``: a NumPy bool mask with
   ``n_active`` entries on that holds the structure (random, or the largest
   ``scores`` first for ``mask_init="magnitude"``);
@@ -39,8 +42,23 @@ dense with ``sparsify(..., exclude=[...])``.
 The update ranks whole blocks by the block's summed score (|w| or the
 ``drop_scores`` hook for dropping, the grow score for growing) and runs the
 unstructured update on those sums, so it drops ``floor(f * active blocks)``
-blocks and grows as many. The input axis must be a multiple of k (refused
-otherwise: a short last block would need a layout TFLite does not have).
+blocks and grows as many.
+
+Inputs that are not a multiple of k, ``n_in = q * k + r`` with ``0 < r < k``
+(LeNet's 300 and 100 inputs under "1x16"): every row has q whole blocks and
+then a last, shorter block of its r last inputs, all on or all off too (what
+TFLite stores for a float 1x4 weight, and what the int8 export pads to a
+whole 16-block). The whole blocks and the last blocks are two pools, and the
+update runs on each as above on its own: ``floor(f * active whole blocks)``
+whole blocks drop and as many grow, ``floor(f * active last blocks)`` last
+blocks likewise (the same seed, each pool's own block indices for the
+tie-break hash; a pool with every block on, or none, is left alone), so a
+weight with ``a`` whole and ``b`` last blocks on keeps ``a * k + b * r``
+active entries exactly. A count is a number of blocks split between the
+pools in proportion to their sizes (:meth:`Blocks.count_steps`,
+:class:`keras_rigl.distributions.BlockSteps`), which is what ``initial_mask``
+takes and the distributions round to; a weight with fewer than k inputs (no
+whole block) is refused.
 
 "N:M" (:class:`NofM`): at most N active entries in every group of M
 consecutive inputs of one output unit (a group may have fewer). The update
