@@ -9,10 +9,12 @@ For every model (LeNet-300-100, the example CNN of scripts/rigl_harness/zoo.py,
 MobileNet v1/v2 at alpha 0.5, 96 px, weights=None), structure and sparsity it
 
 1. sparsifies the model (ERK layer densities) and sets masks of the structure,
-   made here with small local functions: ``sparsify(..., structure="1x16")``
-   refuses layers whose input count is not a multiple of 16 (LeNet's 300- and
-   100-input layers), while a partial last block is fine for the export
-   (``export_tflite`` pads such int8 layers to whole blocks);
+   made here with small local functions (random masks, the same for every
+   structure's rounding; ``sparsify(..., structure="1x16")`` now takes LeNet's
+   300- and 100-input layers too, with a shorter last block, but the timed
+   masks stay these, so the figures in docs/sparse_speed.md keep their
+   meaning); a partial last block is fine for the export (``export_tflite``
+   pads such int8 layers to whole blocks);
 2. exports the *same* masked weights twice with ``keras_rigl.export_tflite``:
    dense (``sparse=False``) and sparse, in the structure's quantization mode,
    plus the dense float32 file for int8 structures (the "vs fp32" column compares

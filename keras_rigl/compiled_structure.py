@@ -12,6 +12,9 @@ device, the very sets their ``drop_and_grow`` selects in NumPy:
   clipped to the float32 range, rounded to float32), so
   :func:`keras_rigl.compiled_update.select` on the reduced tensors gives the
   reference's blocks bit for bit; the result is expanded back to entries.
+  When the inputs are not a multiple of k, the whole blocks and the last,
+  shorter blocks of the rows are two pools, each selected so on its own (a
+  pool with every block on, or none, is left alone), as the reference does.
 * ``"N:M"`` drops by the unstructured keys, then ranks the grow candidates
   of every group by pairwise comparison of their (distinct) keys (an
   ``M x M`` comparison per group, no sort), keeps the first ``N - kept`` of each
@@ -73,9 +76,60 @@ def _expand(blocks, shape, k):
     return _from_rows(rows, shape)
 
 
+def _sum_blocks(entries):
+    """``(..., block length)`` sanitized float32 entries -> flat float32 sums, float64 left to right
+    (:func:`keras_rigl.structure._sum_blocks`)."""
+    sums = ops.cast(entries[..., 0], "float64")
+    for j in range(1, entries.shape[-1]):
+        sums = ops.add(sums, ops.cast(entries[..., j], "float64"))
+    return ops.reshape(ops.cast(ops.clip(sums, -updates.FLOAT32_MAX, updates.FLOAT32_MAX), "float32"), (-1,))
+
+
+def pool_sums(scores, shape, k):
+    """:func:`keras_rigl.structure._reduce_pools` (``infinity="zero"``): ``(whole block sums, last block sums)``."""
+    rows = _sanitize(_to_rows(scores, shape))
+    cut = shape[-2] // k * k
+    return _sum_blocks(ops.reshape(rows[:, :cut], (-1, shape[-2] // k, k))), _sum_blocks(rows[:, cut:])
+
+
+def _select_pool(keep, active, grow, fraction, seed, reinit_regrown, keys_fn, static_k):
+    """One pool of blocks (flat): the unstructured selection, left alone when all or none is on."""
+    size = int(active.shape[0])
+    n_active = ops.sum(ops.cast(active, "int32"))
+    n = ops.cast(ops.floor(ops.multiply(fraction, ops.cast(n_active, "float64"))), "int32")
+    n = ops.where(ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size)), n, 0)
+    new_active, grown, removed, n_moved = compiled_update.select(
+        keep, ops.cast(active, "float32"), grow, n, seed, reinit_regrown, static_k=static_k, keys_fn=keys_fn)
+    return new_active, grown, removed, (n_active, n, n_moved)
+
+
+def _select_partial_blocks(weight, mask, grow_scores, fraction, seed, reinit_regrown, k, keys_fn, static_k):
+    """:func:`select_blocks` when the inputs are not a multiple of ``k``: the whole blocks and the last,
+    shorter blocks (``r`` inputs) are two pools, as :meth:`keras_rigl.structure.Blocks.drop_and_grow` has them."""
+    shape = tuple(mask.shape)
+    n_in, r = shape[-2], shape[-2] % k
+    cut = n_in - r
+    on = ops.not_equal(_to_rows(mask, shape), 0)
+    actives = (ops.any(ops.reshape(on[:, :cut], (-1, k)), axis=-1), ops.any(on[:, cut:], axis=-1))
+    pools = [_select_pool(keep, active, grow, fraction, seed, reinit_regrown, keys_fn, static_k)
+             for keep, active, grow in zip(pool_sums(ops.abs(weight), shape, k), actives,
+                                           pool_sums(grow_scores, shape, k))]
+
+    def expand(i):
+        whole = ops.reshape(ops.repeat(ops.reshape(pools[0][i], (-1, cut // k, 1)), k, axis=2), (-1, cut))
+        last = ops.repeat(ops.reshape(pools[1][i], (-1, 1)), r, axis=1)
+        return _from_rows(ops.concatenate([whole, last], axis=1), shape)
+
+    counts = tuple(ops.add(ops.multiply(a, k), ops.multiply(b, r)) for a, b in zip(pools[0][3], pools[1][3]))
+    return expand(0), expand(1), expand(2), counts
+
+
 def select_blocks(weight, mask, grow_scores, fraction, seed, reinit_regrown, k, keys_fn, static_k=False):
     """One "1xk" weight: ``(new_active, grown, removed)`` in the weight's shape and the counts."""
     shape = tuple(mask.shape)
+    if shape[-2] % k:
+        return _select_partial_blocks(weight, mask, grow_scores, fraction, seed, reinit_regrown, k, keys_fn,
+                                      static_k)
     size = int(np.prod(shape))
     n_blocks = size // k
     block_on = ops.any(ops.reshape(ops.not_equal(_to_rows(mask, shape), 0), (-1, k)), axis=-1)

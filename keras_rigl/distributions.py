@@ -29,7 +29,12 @@ density above the cap. And a unit (``units`` of :func:`active_counts`, k for
 "1xk"): each count is a whole number of units, rounded as whole units by the
 same largest-remainder rule, and the total is the achievable count nearest
 to the target (for one structure everywhere: the target rounded to whole
-blocks).
+blocks). A "1xk" weight whose inputs are not a multiple of k has blocks of
+two sizes (k, and the r < k inputs left at the end of every row): its counts
+are steps (``steps`` of :func:`active_counts`, :class:`BlockSteps`) that
+split its blocks between the two sizes in proportion to their numbers, and
+are rounded by the same rule, step by step, so each count is within one
+block of its share and the total within half a block of the target.
 """
 
 from __future__ import annotations
@@ -220,7 +225,98 @@ def erk_densities(shapes, sparsity, fixed_densities=None, kernel=True, max_densi
     return densities
 
 
-def active_counts(shapes, densities, units=None, capacities=None):
+class UnitSteps:
+    """The achievable active counts of a weight: the multiples of ``unit`` up to ``capacity``."""
+
+    def __init__(self, unit, capacity):
+        self.unit, self.capacity = int(unit), int(capacity)
+
+    def floor(self, exact):
+        """The largest achievable count not above ``exact`` (within 1e-9 of a unit)."""
+        return min(self.capacity, int(math.floor(exact / self.unit + 1e-9)) * self.unit)
+
+    def next(self, count):
+        """The achievable count after ``count`` (an achievable one), or None at the top."""
+        return count + self.unit if count + self.unit <= self.capacity else None
+
+    def step(self, count):
+        """The size of the step after ``count`` (the unit)."""
+        return self.unit
+
+    def __repr__(self):
+        return f"UnitSteps({self.unit}, {self.capacity})"
+
+
+class BlockSteps:
+    """The achievable counts of a weight with two pools of blocks, filled in proportion to their sizes.
+
+    ``whole`` blocks of ``k`` entries and ``last`` blocks of ``r`` entries (the
+    "1xk" structure over inputs that are not a multiple of k: every row has
+    ``q`` whole blocks and one last block of ``r < k``). ``b`` blocks in all
+    are split as ``round(b * whole / (whole + last))`` (halves up) whole blocks
+    and the rest last ones, so both pools have (nearly) the same density and
+    each step adds one block of either kind: the counts run from 0 to the
+    whole weight in steps of ``k`` or ``r``, never more than one block apart.
+    """
+
+    def __init__(self, k, whole, r, last):
+        self.k, self.whole, self.r, self.last = int(k), int(whole), int(r), int(last)
+        self.blocks = self.whole + self.last
+
+    def split(self, blocks):
+        """``(whole blocks, last blocks)`` of ``blocks`` blocks in all."""
+        blocks = int(blocks)
+        if not 0 <= blocks <= self.blocks:
+            raise ValueError(f"{blocks} blocks: there are {self.blocks}.")
+        if self.blocks == 0:
+            return 0, 0
+        whole = (2 * blocks * self.whole + self.blocks) // (2 * self.blocks)
+        return whole, blocks - whole
+
+    def count(self, blocks):
+        """The active entries of ``blocks`` blocks in all."""
+        whole, last = self.split(blocks)
+        return whole * self.k + last * self.r
+
+    def blocks_of(self, count):
+        """The number of blocks whose count is ``count``, or None if no step is exactly ``count``."""
+        low, high = 0, self.blocks  # the largest b with count(b) <= count: count() is strictly increasing
+        if count < 0:
+            return None
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.count(middle) <= count:
+                low = middle
+            else:
+                high = middle - 1
+        return low if self.count(low) == count else None
+
+    def floor(self, exact):
+        low, high = 0, self.blocks
+        limit = exact + 1e-9 * self.k
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.count(middle) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        return self.count(low)
+
+    def next(self, count):
+        blocks = self.blocks_of(count)
+        if blocks is None:
+            raise ValueError(f"{count} is not one of the counts of {self!r}.")
+        return None if blocks == self.blocks else self.count(blocks + 1)
+
+    def step(self, count):
+        after = self.next(count)
+        return self.k if after is None else after - count
+
+    def __repr__(self):
+        return f"BlockSteps(k={self.k}, whole={self.whole}, r={self.r}, last={self.last})"
+
+
+def active_counts(shapes, densities, units=None, capacities=None, steps=None):
     """Number of active weights per name, summing exactly to the rounded target.
 
     Each weight gets floor(density * size) and the remaining units go to the
@@ -234,18 +330,32 @@ def active_counts(shapes, densities, units=None, capacities=None):
     target rounded to whole blocks and every count is within one block of
     density * size. ``capacities`` (``{name: most active}``, default the size)
     are never exceeded.
+
+    ``steps`` (``{name: steps}``, e.g. :class:`BlockSteps`; they replace
+    ``units`` and ``capacities`` for those names): the achievable counts of a
+    weight whose steps are not all the same size ("1xk" over inputs that are
+    not a multiple of k: steps of k and of the last block's r). The same rule
+    in steps: the largest achievable count not above density * size, then one
+    more step for the largest remainders (in units of the next step) while it
+    brings the total closer to the target (a tie rounds up). With
+    :class:`UnitSteps` this is the rule above, step for step.
     """
     sizes = {n: math.prod(int(d) for d in shapes[n]) for n in shapes}
-    units = {n: int((units or {}).get(n, 1)) for n in shapes}
-    capacities = {n: int((capacities or {}).get(n, sizes[n])) for n in shapes}
+    ladders = {}
+    for n in shapes:
+        if steps is not None and n in steps:
+            ladders[n] = steps[n]
+        else:
+            ladders[n] = UnitSteps(int((units or {}).get(n, 1)), int((capacities or {}).get(n, sizes[n])))
     exact = {n: densities[n] * sizes[n] for n in shapes}
-    counts = {n: min(capacities[n], int(math.floor(exact[n] / units[n] + 1e-9)) * units[n]) for n in shapes}
+    counts = {n: ladders[n].floor(exact[n]) for n in shapes}
     missing = int(round(sum(exact.values()))) - sum(counts.values())
-    by_remainder = sorted(shapes, key=lambda n: (exact[n] - counts[n]) / units[n], reverse=True)
+    by_remainder = sorted(shapes, key=lambda n: (exact[n] - counts[n]) / ladders[n].step(counts[n]), reverse=True)
     for n in by_remainder:
         if missing <= 0:
             break
-        if counts[n] + units[n] <= capacities[n] and 2 * missing >= units[n]:
-            counts[n] += units[n]
-            missing -= units[n]
+        after = ladders[n].next(counts[n])
+        if after is not None and 2 * missing >= after - counts[n]:
+            missing -= after - counts[n]
+            counts[n] = after
     return counts

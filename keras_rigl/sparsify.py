@@ -284,9 +284,10 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
     ``structure``: None keeps each layer's own structure (``Masked(...,
     structure=)``); a structure (e.g. ``"1x4"``) is set on every Masked layer
     first (every masked weight must carry it). Densities are solved with the
-    structures' caps and counts rounded to their units (see
-    :mod:`keras_rigl.distributions`), so the total stays exact (in whole
-    blocks for "1xk").
+    structures' caps and counts rounded to their steps (``count_steps``:
+    whole units, or for "1xk" over inputs that are not a multiple of k whole
+    and last blocks in proportion; see :mod:`keras_rigl.distributions`), so
+    the total stays exact (in whole blocks for "1xk").
 
     Returns ``{"layer/weight": density}`` as solved (the drawn counts round it to whole units).
     """
@@ -310,10 +311,7 @@ def initialize_masks(model, sparsity, distribution="erk", per_layer=None, mask_i
         shapes, sparsity, distribution, per_layer=_expand_per_layer(per_layer, keys),
         max_densities={k: kept[k].max_density(shapes[k]) for k in keys},
     )
-    counts = distributions.active_counts(
-        shapes, densities, units={k: kept[k].unit(shapes[k]) for k in keys},
-        capacities={k: kept[k].max_active(shapes[k]) for k in keys},
-    )
+    counts = distributions.active_counts(shapes, densities, steps={k: kept[k].count_steps(shapes[k]) for k in keys})
     if structure is not None:  # only now: a refused sparsity leaves the layers as they were
         for layer in layers:
             object.__setattr__(layer, "_structure", structure)

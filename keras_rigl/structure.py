@@ -6,9 +6,12 @@ structure="2:4")``). It answers, for one masked weight:
 
 * ``check_shape(shape, path)``: can this weight carry the structure? (a one-line
   ValueError naming the fix if not);
-* ``unit(shape)``: the active count moves in steps of this many entries (k for
-  "1xk": whole blocks), and ``max_density(shape)`` / ``max_active(shape)``: the
-  most it can hold (N/M for "N:M");
+* ``unit(shape)``: the active count is a multiple of this many entries (k for
+  "1xk": whole blocks), ``max_density(shape)`` / ``max_active(shape)``: the
+  most it can hold (N/M for "N:M"), and ``count_steps(shape)``: the counts it
+  can hold, which the distributions round to (the multiples of the unit up to
+  the most, unless a structure says otherwise: "1xk" over inputs that are not
+  a multiple of k);
 * ``initial_mask(shape, n_active, rng, scores=None)``: a NumPy bool mask with
   ``n_active`` entries on that holds the structure (random, or the largest
   ``scores`` first for ``mask_init="magnitude"``);
@@ -41,8 +44,23 @@ dense with ``sparsify(..., exclude=[...])``.
 The update ranks whole blocks by the block's summed score (|w| or the
 ``drop_scores`` hook for dropping, the grow score for growing) and runs the
 unstructured update on those sums, so it drops ``floor(f * active blocks)``
-blocks and grows as many. The input axis must be a multiple of k (refused
-otherwise: a short last block would need a layout TFLite does not have).
+blocks and grows as many.
+
+Inputs that are not a multiple of k, ``n_in = q * k + r`` with ``0 < r < k``
+(LeNet's 300 and 100 inputs under "1x16"): every row has q whole blocks and
+then a last, shorter block of its r last inputs, all on or all off too (what
+TFLite stores for a float 1x4 weight, and what the int8 export pads to a
+whole 16-block). The whole blocks and the last blocks are two pools, and the
+update runs on each as above on its own: ``floor(f * active whole blocks)``
+whole blocks drop and as many grow, ``floor(f * active last blocks)`` last
+blocks likewise (the same seed, each pool's own block indices for the
+tie-break hash; a pool with every block on, or none, is left alone), so a
+weight with ``a`` whole and ``b`` last blocks on keeps ``a * k + b * r``
+active entries exactly. A count is a number of blocks split between the
+pools in proportion to their sizes (:meth:`Blocks.count_steps`,
+:class:`keras_rigl.distributions.BlockSteps`), which is what ``initial_mask``
+takes and the distributions round to; a weight with fewer than k inputs (no
+whole block) is refused.
 
 "N:M" (:class:`NofM`): at most N active entries in every group of M
 consecutive inputs of one output unit (a group may have fewer). The update
@@ -69,7 +87,7 @@ import re
 import keras
 import numpy as np
 
-from keras_rigl import updates
+from keras_rigl import distributions, updates
 
 
 # ------------------------------------------------------------------- layout
@@ -141,6 +159,11 @@ class Structure:
         """The largest active count (``max_density * size``, a multiple of :meth:`unit`)."""
         unit = self.unit(shape)
         return int(math.floor(self.max_density(shape) * _size(shape) / unit + 1e-9)) * unit
+
+    def count_steps(self, shape):
+        """The achievable active counts of a weight of ``shape`` (what the distributions round to):
+        by default the multiples of :meth:`unit` up to :meth:`max_active`."""
+        return distributions.UnitSteps(self.unit(shape), self.max_active(shape))
 
     def check_count(self, shape, n_active, path="weight"):
         n_active = int(n_active)
@@ -255,10 +278,23 @@ def _reduce(scores, n_rows, n_blocks, k, infinity):
     implementation doing the same additions gets the same bits (a tree sum may not).
     """
     entries = updates.sanitize_scores(to_rows(scores), infinity).reshape(n_rows, n_blocks, k)
+    return _sum_blocks(entries)
+
+
+def _sum_blocks(entries):
+    """``(..., block length)`` sanitized float32 entries -> flat float32 block sums, in float64 left to right."""
     sums = entries[..., 0].astype(np.float64)
-    for j in range(1, k):
+    for j in range(1, entries.shape[-1]):
         sums = sums + entries[..., j]
     return np.clip(sums, -updates.FLOAT32_MAX, updates.FLOAT32_MAX).astype(np.float32).reshape(-1)
+
+
+def _reduce_pools(scores, k, infinity):
+    """Inputs not a multiple of ``k``: ``(whole block sums, last block sums)``, flat, as :func:`_reduce` sums
+    (whole blocks row-major over (row, block); one last block of ``inputs % k`` entries per row)."""
+    rows = updates.sanitize_scores(to_rows(scores), infinity)
+    cut = rows.shape[1] // k * k
+    return _sum_blocks(rows[:, :cut].reshape(rows.shape[0], -1, k)), _sum_blocks(rows[:, cut:])
 
 
 @keras.saving.register_keras_serializable(package="keras_rigl")
@@ -278,15 +314,66 @@ class Blocks(Structure):
         return {"k": self.k}
 
     def check_shape(self, shape, path="weight"):
-        self._check_kernel_shape(shape, path, self.k, "block size", "a k")
+        self._check_kernel_shape(shape, path)
+        shape = tuple(int(d) for d in shape)
+        if 0 < shape[-2] < self.k:
+            raise ValueError(
+                f"{path} has {shape[-2]} inputs (shape {shape}), fewer than the block size of structure "
+                f"{self.spec!r} (whole blocks and then a shorter last one are fine); leave the layer dense with "
+                f"sparsify(..., exclude=[...]) or choose a k of at most {shape[-2]}."
+            )
+
+    def _layout(self, shape):
+        """``(rows, whole blocks per row, length of the last block: 0 when the inputs are a multiple of k)``."""
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 2 or shape[-2] == 0:
+            return 0, 0, 0
+        return _size(shape) // shape[-2], shape[-2] // self.k, shape[-2] % self.k
 
     def unit(self, shape):
-        return self.k
+        _, _, r = self._layout(shape)
+        return self.k if r == 0 else math.gcd(self.k, r)
+
+    def max_active(self, shape):
+        _, _, r = self._layout(shape)
+        return super().max_active(shape) if r == 0 else _size(shape)
+
+    def count_steps(self, shape):
+        """Whole blocks of k (and, when the inputs are not a multiple of k, last blocks of r) in steps:
+        :class:`keras_rigl.distributions.BlockSteps` splits a count's blocks between the two in proportion."""
+        n_rows, per_row, r = self._layout(shape)
+        if r == 0:
+            return super().count_steps(shape)
+        return distributions.BlockSteps(self.k, n_rows * per_row, r, n_rows)
+
+    def check_count(self, shape, n_active, path="weight"):
+        n_rows, per_row, r = self._layout(shape)
+        if r == 0:
+            return super().check_count(shape, n_active, path)
+        n_active = int(n_active)
+        steps = self.count_steps(shape)
+        if steps.blocks_of(n_active) is None:
+            below = steps.floor(min(max(n_active, 0), _size(shape)))
+            above = steps.next(below) if below < n_active else None
+            nearest = f"{below} or {above}" if above is not None else f"{below}"
+            raise ValueError(
+                f"{path}: {n_active} active entries do not fit structure {self.spec!r} (shape {tuple(shape)}): "
+                f"each row has {per_row} blocks of {self.k} inputs and a last one of {r}, and a count is a number "
+                f"of blocks split between the two in proportion to their numbers; the nearest counts that fit are "
+                f"{nearest} (structure.count_steps(shape) lists them)."
+            )
+        return n_active
 
     def _blocks(self, mask):
-        """``(rows, blocks per row, k)`` view of a bool mask."""
+        """``(rows, blocks per row, k)`` view of a bool mask (inputs a multiple of k)."""
         rows = to_rows(np.asarray(mask) != 0)
         return rows.reshape(rows.shape[0], rows.shape[1] // self.k, self.k)
+
+    def _pools(self, mask):
+        """``(whole, last)``: ``(rows, blocks per row, k)`` and ``(rows, r)`` views of a bool mask."""
+        rows = to_rows(np.asarray(mask) != 0)
+        cut = rows.shape[1] // self.k * self.k
+        return rows[:, :cut].reshape(rows.shape[0], -1, self.k), rows[:, cut:]
 
     def _expand(self, block_values, shape):
         shape = tuple(shape)
@@ -294,38 +381,66 @@ class Blocks(Structure):
         rows = np.repeat(np.asarray(block_values).reshape(n_rows, shape[-2] // self.k), self.k, axis=1)
         return from_rows(rows, shape)
 
+    def _expand_pools(self, whole_values, last_values, shape):
+        """Flat values of the whole blocks and of the last blocks -> entries of a weight of ``shape``."""
+        shape = tuple(shape)
+        n_rows, per_row, r = self._layout(shape)
+        whole = np.repeat(np.asarray(whole_values).reshape(n_rows, per_row), self.k, axis=1)
+        last = np.repeat(np.asarray(last_values).reshape(n_rows, 1), r, axis=1)
+        return from_rows(np.concatenate([whole, last], axis=1), shape)
+
     def holds(self, mask):
         mask = np.asarray(mask)
-        if mask.ndim < 2 or mask.shape[-2] % self.k:
+        if mask.ndim < 2 or (mask.shape[-2] % self.k and mask.shape[-2] < self.k):
             return False
-        blocks = self._blocks(mask)
-        return bool((blocks.all(axis=-1) == blocks.any(axis=-1)).all())
+        if mask.shape[-2] % self.k == 0:
+            blocks = self._blocks(mask)
+            return bool((blocks.all(axis=-1) == blocks.any(axis=-1)).all())
+        whole, last = self._pools(mask)
+        return bool((whole.all(axis=-1) == whole.any(axis=-1)).all() and (last.all(axis=-1) == last.any(axis=-1)).all())
 
     def initial_mask(self, shape, n_active, rng, scores=None):
         shape = tuple(int(d) for d in shape)
         self.check_shape(shape)
         n_active = self.check_count(shape, n_active)
-        n_rows, per_row = _size(shape) // shape[-2], shape[-2] // self.k
+        n_rows, per_row, r = self._layout(shape)
+        if r:
+            return self._initial_pools(shape, n_active, rng, scores)
         block_scores = None
         if scores is not None:
             block_scores = _reduce(np.abs(np.asarray(scores, np.float32)), n_rows, per_row, self.k, "zero")
         chosen = Unstructured().initial_mask((n_rows * per_row,), n_active // self.k, rng, block_scores)
         return self._expand(chosen, shape)
 
+    def _initial_pools(self, shape, n_active, rng, scores):
+        """:meth:`initial_mask` with a last, shorter block: the count's whole and last blocks drawn apart."""
+        n_rows, per_row, _ = self._layout(shape)
+        steps = self.count_steps(shape)
+        n_whole, n_last = steps.split(steps.blocks_of(n_active))
+        whole_scores = last_scores = None
+        if scores is not None:
+            whole_scores, last_scores = _reduce_pools(np.abs(np.asarray(scores, np.float32)), self.k, "zero")
+        whole = Unstructured().initial_mask((n_rows * per_row,), n_whole, rng, whole_scores)
+        last = Unstructured().initial_mask((n_rows,), n_last, rng, last_scores)
+        return self._expand_pools(whole, last, shape)
+
     def drop_and_grow(self, weight, mask, grow_scores, drop_fraction, seed=0, reinit_regrown=False,
                       drop_scores=None, progress=None):
         w, m, on = self._numpy_arrays(weight, mask)
         shape = m.shape
-        n_rows, per_row = _size(shape) // shape[-2], shape[-2] // self.k
+        n_rows, per_row, r = self._layout(shape)
+        if drop_scores is not None:
+            drop_scores = updates._to_numpy(drop_scores)
+            if drop_scores.shape != shape:
+                raise ValueError(f"drop_scores has shape {drop_scores.shape}; it must have the mask's shape {shape}.")
+        if r:
+            return self._drop_and_grow_pools(w, m, on, grow_scores, drop_fraction, seed, reinit_regrown, drop_scores)
         block_active = self._blocks(on).any(axis=-1).reshape(-1)
         reduce = lambda s, infinity: _reduce(s, n_rows, per_row, self.k, infinity)  # noqa: E731
         grow = reduce(updates._to_numpy(grow_scores), "zero")
         if drop_scores is None:
             keep_weight, keep_scores = reduce(np.abs(w), "zero"), None
         else:
-            drop_scores = updates._to_numpy(drop_scores)
-            if drop_scores.shape != shape:
-                raise ValueError(f"drop_scores has shape {drop_scores.shape}; it must have the mask's shape {shape}.")
             keep_weight, keep_scores = np.zeros(block_active.size, np.float32), reduce(drop_scores, "clip")
         blocks = updates.drop_and_grow(keep_weight, block_active.astype(np.float32), grow, drop_fraction, seed=seed,
                                        reinit_regrown=reinit_regrown, drop_scores=keep_scores)
@@ -336,6 +451,38 @@ class Blocks(Structure):
             n_moved=blocks.n_moved * self.k,
             n_active=blocks.n_active * self.k,
             n_dropped=blocks.n_dropped * self.k,
+        )
+
+    def _drop_and_grow_pools(self, w, m, on, grow_scores, drop_fraction, seed, reinit_regrown, drop_scores):
+        """:meth:`drop_and_grow` with a last, shorter block: the whole blocks and the last blocks are two pools,
+        each updated as the blocks of a multiple of k are (same seed, its own block indices); a pool whose
+        blocks are all on (or all off) is left alone, as a dense weight is."""
+        shape = m.shape
+        r = shape[-2] % self.k
+        whole_on, last_on = self._pools(on)
+        actives = (whole_on.any(axis=-1).reshape(-1), last_on.any(axis=-1))
+        grows = _reduce_pools(updates._to_numpy(grow_scores), self.k, "zero")
+        if drop_scores is None:
+            keeps, hooks = _reduce_pools(np.abs(w), self.k, "zero"), (None, None)
+        else:
+            keeps = tuple(np.zeros(a.size, np.float32) for a in actives)
+            hooks = _reduce_pools(drop_scores, self.k, "clip")
+        results = []
+        for active, grow, keep, hook in zip(actives, grows, keeps, hooks):
+            movable = 0 < int(active.sum()) < active.size
+            results.append(updates.drop_and_grow(keep, active.astype(np.float32), grow,
+                                                 drop_fraction if movable else 0.0, seed=seed,
+                                                 reinit_regrown=reinit_regrown, drop_scores=hook))
+        whole, last = results
+        both = lambda name: self._expand_pools(getattr(whole, name) != 0, getattr(last, name) != 0, shape)  # noqa: E731
+        count = lambda name: getattr(whole, name) * self.k + getattr(last, name) * r  # noqa: E731
+        return updates.UpdateResult(
+            new_mask=both("new_mask").astype(m.dtype),
+            grown=both("grown"),
+            removed=both("removed"),
+            n_moved=count("n_moved"),
+            n_active=count("n_active"),
+            n_dropped=count("n_dropped"),
         )
 
 

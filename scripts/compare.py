@@ -24,6 +24,8 @@ the dense baselines (``dense_flops`` is planned from unstructured RigL) and
 ``prune`` run once, unstructured. Layers that cannot carry a structure (the
 CNN's first convolution, 1 input channel, under 1x4 and 2:4) are left dense and
 named in a printed note; the sparsity target then applies to the other layers.
+``1xk`` takes inputs that are not a multiple of k (each output unit ends in a
+shorter block): the MLP's 300- and 100-input layers are masked under 1x16.
 A structured run's id has ``method@structure`` (``...|rigl@1x4|s0.9|...``);
 unstructured ids are unchanged.
 

@@ -54,7 +54,8 @@ def build_parser():
     p.add_argument("--distribution", default="erk", choices=DISTRIBUTIONS, help="how the sparsity is spread over the layers")
     p.add_argument("--structure", type=structure_arg, default="none",
                    help="structure of the masks (rigl, set, snfs, static): none, 1xk (e.g. 1x4), N:M (e.g. 2:4) or "
-                        "fan_in; layers that cannot carry it (e.g. a first conv with 1 input channel under 1x4) "
+                        "fan_in; layers that cannot carry it (e.g. a first conv with 1 input channel under 1x4: fewer "
+                        "inputs than k; more inputs than k need not be a multiple of it) "
                         "are left dense and named, and the sparsity target applies to the other layers")
     p.add_argument("--update-freq", type=ranged(int, 1, what=" (steps between mask updates, >= 1)"), default=50,
                    help="ΔT: optimizer steps between mask updates (updates stop at 75%% of training)")

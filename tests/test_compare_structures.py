@@ -101,6 +101,17 @@ def test_structure_exclusions_ask_the_structure(spec, left_dense):
         assert "(3, 3, 1, 16)" in found[name]
 
 
+@pytest.mark.parametrize("spec, left_dense", [("1x16", []), ("1x4", []), ("2:4", []),
+                                              ("1x400", ["fc2", "logits"])])
+def test_structure_exclusions_of_the_mlp(spec, left_dense):
+    """1xk takes inputs that are not a multiple of k (300 and 100 under 1x16: a shorter last block; 784 under
+    1x400: one block of 400 and one of 384), not fewer inputs than k (300 and 100 under 1x400)."""
+    from rigl_harness import zoo
+
+    model = zoo.build_model("mlp", (28, 28, 1), 10)
+    assert sorted(runner.structure_exclusions(model, spec)) == left_dense
+
+
 # ------------------------------------------------------------------ a trained structured run
 def test_train_structure_1x4_cnn_masks_hold_and_counts_are_right(tmp_path, capsys):
     result = train.main(["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--update-freq", "2",

@@ -138,3 +138,36 @@ def test_uniform_refuses_a_single_weight_it_would_keep_dense():
     assert distributions.layer_densities({"dense/kernel": (144, 10)}, 0.0, "uniform") == {"dense/kernel": 1.0}
     fixed = distributions.layer_densities({"dense/kernel": (144, 10)}, 0.9, "uniform", per_layer={"dense/kernel": 0.9})
     assert fixed == {"dense/kernel": pytest.approx(0.1)}
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([2, 4, 16]), st.integers(1, 30), st.integers(1, 20), st.integers(0, 15),
+                          st.floats(0.0, 1.0)), min_size=1, max_size=5))
+def test_block_steps_counts_are_steps_near_their_share(layers):
+    """1xk over inputs that are not a multiple of k ("1x16" on a 300-input layer): ``rows`` rows of ``q`` whole
+    blocks of k and one last block of r; every count is a step, within one block of its share, and the total
+    within half a block of the target."""
+    shapes, densities, steps = {}, {}, {}
+    for i, (k, q, rows, extra, density) in enumerate(layers):
+        r = 1 + extra % (k - 1)
+        name = f"w{i}"
+        shapes[name], densities[name] = (q * k + r, rows), density
+        steps[name] = distributions.BlockSteps(k, q * rows, r, rows)
+        # the steps: 0 to the whole weight, one block (k or r entries) at a time, pools in proportion
+        count, n = 0, 0
+        while steps[name].next(count) is not None:
+            after = steps[name].next(count)
+            assert after - count in (k, r) and steps[name].floor(after) == after
+            assert steps[name].floor(after - 0.5) == count
+            count, n = after, n + 1
+            whole, last = steps[name].split(n)
+            assert abs(whole / (q * rows) - last / rows) <= 1 / rows + 1e-12  # about the same density
+        assert count == (q * k + r) * rows and n == (q + 1) * rows
+    counts = distributions.active_counts(shapes, densities, steps=steps)
+    k_max = max(k for k, *_ in layers)
+    for name in shapes:
+        size = math.prod(shapes[name])
+        assert steps[name].blocks_of(counts[name]) is not None
+        assert abs(counts[name] - densities[name] * size) <= steps[name].k  # a tie rounds up, as in units
+    target = sum(densities[n] * math.prod(shapes[n]) for n in shapes)
+    assert abs(sum(counts.values()) - round(target)) <= k_max / 2

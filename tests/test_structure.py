@@ -21,13 +21,14 @@ from keras_rigl import structure as S
 
 # ------------------------------------------------------------ references
 def groups_of(shape, size):
-    """Index tuples of every block/group of ``size`` consecutive inputs of one output unit, one position."""
+    """Index tuples of every block/group of ``size`` consecutive inputs of one output unit, one position;
+    with inputs not a multiple of ``size``, the last, shorter block of every row too."""
     *spatial, n_in, n_out = shape
     out = []
     for position in np.ndindex(*spatial):
         for j in range(n_out):
-            for b in range(n_in // size):
-                out.append([position + (i, j) for i in range(b * size, (b + 1) * size)])
+            for b in range(-(-n_in // size)):
+                out.append([position + (i, j) for i in range(b * size, min((b + 1) * size, n_in))])
     return out
 
 
@@ -39,10 +40,10 @@ def n_of_m_holds(mask, n, m):
     return all(sum(bool(mask[i]) for i in group) <= n for group in groups_of(mask.shape, m))
 
 
-def reference_blocks_update(w, mask, grow, fraction, k):
+def reference_blocks_update(w, mask, grow, fraction, k, blocks=None):
     """Drop the floor(f * active blocks) active blocks of smallest sum |w|, grow as many of the largest
     sum grow score among the rest (distinct sums assumed)."""
-    blocks = groups_of(w.shape, k)
+    blocks = groups_of(w.shape, k) if blocks is None else blocks
     active = [b for b in blocks if mask[b[0]]]
     n_drop = int(np.floor(fraction * len(active)))
     dropped = sorted(active, key=lambda b: sum(abs(float(w[i])) for i in b))[:n_drop]
@@ -53,6 +54,21 @@ def reference_blocks_update(w, mask, grow, fraction, k):
     for b in kept + grown:
         for i in b:
             new[i] = True
+    return new
+
+
+def reference_partial_blocks_update(w, mask, grow, fraction, k):
+    """Inputs not a multiple of k: the whole blocks and the last, shorter blocks are two pools, each updated
+    as above on its own (a pool whose blocks are all on, or all off, is left alone)."""
+    new = np.zeros(w.shape, bool)
+    for pool in ([b for b in groups_of(w.shape, k) if len(b) == k], [b for b in groups_of(w.shape, k) if len(b) < k]):
+        n_on = sum(bool(mask[b[0]]) for b in pool)
+        if 0 < n_on < len(pool):
+            new |= reference_blocks_update(w, mask, grow, fraction, k, blocks=pool)
+        else:
+            for b in pool:
+                for i in b:
+                    new[i] = bool(mask[b[0]])
     return new
 
 
@@ -122,7 +138,8 @@ def test_register_structure_by_name_and_by_parser():
 
 
 # ------------------------------------------------------------ shapes
-@pytest.mark.parametrize("spec, shape", [("1x4", (6, 3)), ("2:4", (3, 3, 6, 8)), ("1x4", (8,))])
+@pytest.mark.parametrize("spec, shape", [("1x4", (3, 3)), ("1x4", (3, 3, 1, 16)), ("2:4", (3, 3, 6, 8)),
+                                         ("1x4", (8,))])
 def test_kernel_that_cannot_carry_the_structure_is_refused_naming_exclude(spec, shape):
     with pytest.raises(ValueError) as info:
         S.get(spec).check_shape(shape, "dense/kernel")
@@ -131,8 +148,9 @@ def test_kernel_that_cannot_carry_the_structure_is_refused_naming_exclude(spec, 
 
 
 @pytest.mark.parametrize("spec, shape, message", [
-    ("1x4", (6, 3), "dense/kernel has 6 inputs (shape (6, 3)), not a multiple of the block size of structure '1x4'; "
-                    "leave the layer dense with sparsify(..., exclude=[...]) or choose a k that divides 6."),
+    ("1x4", (3, 5), "dense/kernel has 3 inputs (shape (3, 5)), fewer than the block size of structure '1x4' "
+                    "(whole blocks and then a shorter last one are fine); leave the layer dense with "
+                    "sparsify(..., exclude=[...]) or choose a k of at most 3."),
     ("2:4", (3, 3, 6, 8), "dense/kernel has 6 inputs (shape (3, 3, 6, 8)), not a multiple of the group size M of "
                           "structure '2:4'; leave the layer dense with sparsify(..., exclude=[...]) or choose an M "
                           "that divides 6."),
@@ -149,8 +167,17 @@ def test_shape_errors_are_worded_as_before_the_shared_check(spec, shape, message
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize("k, shape", [(4, (6, 3)), (4, (10, 2)), (16, (300, 100)), (16, (100, 10)), (4, (3, 3, 6, 8)),
+                                      (4, (5, 1)), (16, (784, 300))])
+def test_blocks_take_inputs_that_are_not_a_multiple_of_k(k, shape):
+    S.Blocks(k).check_shape(shape, "dense/kernel")  # no error: the last block of every row is shorter
+
+
 def test_unit_and_capacity():
     assert S.Blocks(4).unit((8, 3)) == 4 and S.Blocks(4).max_active((8, 3)) == 24
+    # 6 inputs = a whole block of 4 and a last one of 2: counts are 4a + 2b, all of it at most
+    assert S.Blocks(4).unit((6, 3)) == 2 and S.Blocks(4).max_active((6, 3)) == 18
+    assert S.Blocks(16).unit((300, 100)) == 4 and S.Blocks(16).max_active((300, 100)) == 30000
     assert S.NofM(2, 4).unit((8, 3)) == 1 and S.NofM(2, 4).max_active((8, 3)) == 12
     assert S.NofM(1, 4).max_density((3, 3, 4, 2)) == 0.25
 
@@ -219,6 +246,81 @@ def test_blocks_magnitude_initial_mask_by_hand():
     np.testing.assert_array_equal(mask, [[1, 0], [1, 0], [0, 1], [0, 1]])
 
 
+def _partial_example():
+    """Dense kernel (in=6, out=3) under 1x4: whole blocks F_j = inputs 0..3 and last blocks P_j = inputs 4, 5
+    of output j. F0, F1 and P0 are on."""
+    w = np.zeros((6, 3), "float32")
+    w[0:4, 0] = [0.9, 0.8, 0.7, 0.6]  # F0: |w| sum 3.0
+    w[0:4, 1] = 0.1  # F1: 0.4
+    w[4:6, 0] = 0.05  # P0
+    mask = np.zeros((6, 3), "float32")
+    mask[0:4, 0] = mask[0:4, 1] = mask[4:6, 0] = 1
+    grow = np.zeros((6, 3), "float32")
+    grow[0:4, 2] = 1  # F2: 4
+    grow[0, 0] = 0.5  # F0: 0.5
+    grow[4:6, 1] = 9  # P1: 18, more than any whole block, but it competes with the last blocks only
+    return w, mask, grow
+
+
+def _blocks_on(mask):
+    """The on blocks of a (6, 3) 1x4 mask by name."""
+    names = [f"F{j}" for j in range(3) if mask[0:4, j].all()] + [f"P{j}" for j in range(3) if mask[4:6, j].all()]
+    assert int(np.asarray(mask).sum()) == sum(4 if n[0] == "F" else 2 for n in names)
+    return names
+
+
+def test_partial_blocks_update_by_hand_two_pools():
+    w, mask, grow = _partial_example()
+    # f = 0.5: floor(0.5 * 2) = 1 whole block moves (F1, the smaller |w| sum, to F2, the larger grow sum);
+    # floor(0.5 * 1) = 0 last blocks move, so P1's large grow score does not matter.
+    r = S.Blocks(4).drop_and_grow(w, mask, grow, 0.5, seed=0)
+    assert _blocks_on(r.new_mask) == ["F0", "F2", "P0"]
+    assert (r.n_active, r.n_dropped, r.n_moved) == (10, 4, 4)
+    assert _blocks_on(r.grown) == ["F2"] and _blocks_on(r.removed) == ["F1"]
+    # f = 1: both whole blocks dropped, the two best grow back (F2 4, F0 0.5: F0 keeps its weight);
+    # the last block P0 dropped and P1 grown
+    r = S.Blocks(4).drop_and_grow(w, mask, grow, 1.0, seed=0)
+    assert _blocks_on(r.new_mask) == ["F0", "F2", "P1"]
+    assert (r.n_active, r.n_dropped, r.n_moved) == (10, 4 + 4 + 2, 4 + 2)
+    assert _blocks_on(r.grown) == ["F2", "P1"] and _blocks_on(r.removed) == ["F1", "P0"]
+    r = S.Blocks(4).drop_and_grow(w, mask, grow, 1.0, seed=0, reinit_regrown=True)
+    assert _blocks_on(r.grown) == ["F0", "F2", "P1"]
+    # the drop_scores hook, summed the same way: F0 -4 and F1 4 -> F0 dropped at f = 0.5
+    keep = np.where(np.arange(3) == 0, -1.0, 1.0).astype("float32") * np.ones((6, 1), "float32")
+    r = S.Blocks(4).drop_and_grow(w, mask, grow, 0.5, seed=0, drop_scores=keep)
+    assert _blocks_on(r.new_mask) == ["F1", "F2", "P0"]
+
+
+def test_partial_blocks_a_full_pool_is_left_alone():
+    w, mask, grow = _partial_example()
+    mask[4:6, :] = 1  # every last block on: nothing to move among them, as for a dense weight
+    r = S.Blocks(4).drop_and_grow(w, mask, grow, 1.0, seed=0, reinit_regrown=True)
+    assert _blocks_on(r.new_mask) == ["F0", "F2", "P0", "P1", "P2"]
+    assert (r.n_active, r.n_dropped, r.n_moved) == (14, 8, 4)
+    assert _blocks_on(r.grown) == ["F0", "F2"]
+
+
+def test_partial_blocks_counts_magnitude_init_and_holds_by_hand():
+    structure = S.Blocks(4)
+    # (6, 2): 2 whole blocks and 2 last blocks of 2; the blocks are split between the two in proportion
+    # to their numbers (2:2; an odd one goes to the whole blocks): 0, 1+0, 1+1, 2+1, 2+2 blocks
+    steps = structure.count_steps((6, 2))
+    assert [steps.floor(n) for n in range(13)] == [0, 0, 0, 0, 4, 4, 6, 6, 6, 6, 10, 10, 12]
+    assert [steps.next(n) for n in (0, 4, 6, 10, 12)] == [4, 6, 10, 12, None]
+    scores = np.array([[1, 3], [1, 3], [0, 0], [0, 0], [1, 0.5], [0, 0]], "float32")  # F0 2, F1 6; P0 1, P1 0.5
+    mask = structure.initial_mask((6, 2), 6, np.random.default_rng(0), scores=scores)
+    np.testing.assert_array_equal(mask, [[0, 1], [0, 1], [0, 1], [0, 1], [1, 0], [1, 0]])
+    assert structure.holds(mask) and blocks_hold(mask, 4)
+    broken = mask.copy()
+    broken[5, 0] = False  # half a last block
+    assert not structure.holds(broken) and not blocks_hold(broken, 4)
+    with pytest.raises(ValueError) as info:
+        structure.initial_mask((6, 2), 8, np.random.default_rng(0))  # 2 whole blocks, no last one: not a step
+    assert "\n" not in str(info.value) and "6 or 10" in str(info.value)
+    # a weight with more whole blocks: (10, 1) has 2 of 4 and 1 of 2 -> 0, 4, 6 (1+1), 10 (2+1)
+    assert [structure.count_steps((10, 1)).floor(n) for n in (3, 4, 5, 6, 9, 10)] == [0, 4, 4, 6, 6, 10]
+
+
 def test_initial_mask_refuses_a_count_that_does_not_fit():
     with pytest.raises(ValueError, match="multiple of 4"):
         S.Blocks(4).initial_mask((8, 2), 6, np.random.default_rng(0))
@@ -272,6 +374,79 @@ def test_blocks_properties(shape_parts, k, fraction, seed, draw):
     np.testing.assert_array_equal(r.grown, new & ~mask)  # RigL-style: regrown blocks are not new
 
 
+def partial_shape(spatial, k, whole, extra, n_out):
+    """``spatial + (n_in, n_out)`` with ``n_in = whole * k + r``, ``0 < r < k``."""
+    return spatial + (whole * k + 1 + extra % (k - 1), n_out)
+
+
+def random_block_mask(shape, k, rng):
+    """Any mask of whole and last blocks (not only the counts ``initial_mask`` draws)."""
+    mask = np.zeros(shape, bool)
+    for block in groups_of(shape, k):
+        if rng.random() < 0.5:
+            for i in block:
+                mask[i] = True
+    return mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([(), (2,), (3, 3)]), st.sampled_from([2, 4, 16]), st.integers(1, 3), st.integers(0, 14),
+       st.integers(1, 3), st.floats(0, 1), st.integers(0, 2**31), st.integers(0, 10**6), st.booleans(),
+       st.booleans())
+def test_partial_blocks_properties(spatial, k, whole, extra, n_out, fraction, seed, draw, any_mask, reinit):
+    shape = partial_shape(spatial, k, whole, extra, n_out)
+    structure = S.Blocks(k)
+    structure.check_shape(shape)
+    rng = np.random.default_rng(draw)
+    if any_mask:
+        mask = random_block_mask(shape, k, rng)
+        n_active = int(mask.sum())
+    else:
+        n_active = structure.count_steps(shape).floor(int(rng.integers(0, int(np.prod(shape)) + 1)))
+        mask = structure.initial_mask(shape, n_active, rng)
+    assert mask.dtype == bool and mask.sum() == n_active and blocks_hold(mask, k) and structure.holds(mask)
+    w = (rng.random(shape).astype("float32") + 0.01) * mask
+    grow = rng.random(shape).astype("float32")
+    r = structure.drop_and_grow(w, mask.astype("float32"), grow, fraction, seed=seed, reinit_regrown=reinit)
+    new = r.new_mask != 0
+    assert new.sum() == n_active == r.n_active and blocks_hold(new, k) and structure.holds(new)
+    np.testing.assert_array_equal(new, reference_partial_blocks_update(w, mask, grow, fraction, k))
+    np.testing.assert_array_equal(r.removed, mask & ~new)
+    if not reinit:
+        np.testing.assert_array_equal(r.grown, new & ~mask)
+    assert r.n_moved == int((new & ~mask).sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(), (2,), (1, 2)]), st.sampled_from([2, 4, 16]), st.integers(1, 3), st.integers(0, 14),
+       st.integers(1, 3), st.integers(0, 10**6), st.booleans())
+def test_partial_blocks_initial_masks_hold_and_count(spatial, k, whole, extra, n_out, draw, magnitude):
+    shape = partial_shape(spatial, k, whole, extra, n_out)
+    structure = S.Blocks(k)
+    steps = structure.count_steps(shape)
+    rng = np.random.default_rng(draw)
+    size = int(np.prod(shape))
+    n_active = steps.floor(int(rng.integers(0, size + 1)))
+    scores = rng.normal(size=shape).astype("float32") if magnitude else None
+    mask = structure.initial_mask(shape, n_active, rng, scores=scores)
+    assert mask.shape == shape and mask.sum() == n_active and blocks_hold(mask, k) and structure.holds(mask)
+    # the steps: every count from 0 to the whole weight, one block (whole or last) at a time
+    count, seen = 0, [0]
+    while steps.next(count) is not None:
+        assert steps.next(count) - count in (k, shape[-2] % k)
+        count = steps.next(count)
+        seen.append(count)
+    assert count == size == structure.max_active(shape)
+    assert all(steps.floor(c) == c and steps.floor(c + 0.5) == c for c in seen)
+    if magnitude:  # the largest |score| sums first, in each pool
+        blocks = groups_of(shape, k)
+        for pool in ([b for b in blocks if len(b) == k], [b for b in blocks if len(b) < k]):
+            sums = [sum(abs(float(scores[i])) for i in b) for b in pool]
+            on = [bool(mask[b[0]]) for b in pool]
+            if any(on) and not all(on):
+                assert min(x for x, o in zip(sums, on) if o) >= max(x for x, o in zip(sums, on) if not o)
+
+
 @settings(max_examples=60, deadline=None)
 @given(shapes, st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4)]), st.floats(0, 1), st.integers(0, 2**31),
        st.integers(0, 10**6))
@@ -311,6 +486,22 @@ def test_active_counts_in_whole_blocks_by_hand():
     assert counts == {"a": 20, "b": 20}
     # exact 20 + 12.8 = 32.8 -> 33, which is 8.25 blocks: the total is rounded to 8 blocks.
     assert distributions.active_counts(shapes, {"a": 0.5, "b": 0.4}, units={"a": 4, "b": 4}) == {"a": 20, "b": 12}
+
+
+def test_active_counts_with_partial_blocks_by_hand():
+    shapes = {"a": (6, 2), "b": (8, 2)}
+    steps = {"a": S.Blocks(4).count_steps((6, 2)), "b": S.Blocks(4).count_steps((8, 2))}  # a: 0, 4, 6, 10, 12
+    # exact 8.4 and 7.2 (total 15.6 -> 16): floors 6 and 4; 6 missing go by remainder in the next step
+    # (b: 3.2 of 4, a: 2.4 of 4): b +4, then a +4 as a tie rounds up (2 missing, step 4).
+    assert distributions.active_counts(shapes, {"a": 0.7, "b": 0.45}, steps=steps) == {"a": 10, "b": 8}
+    # exact 6 and 4: on the steps already
+    assert distributions.active_counts(shapes, {"a": 0.5, "b": 0.25}, steps=steps) == {"a": 6, "b": 4}
+    # exact 7.2 alone: 6, as the next step (10) is further from the target
+    assert distributions.active_counts({"a": (6, 2)}, {"a": 0.6}, steps={"a": steps["a"]}) == {"a": 6}
+    # the steps of a weight whose inputs are a multiple of k are the units: the same counts as units=
+    assert distributions.active_counts(shapes, {"a": 0.52, "b": 0.6}, units={"a": 2, "b": 4}) == \
+        distributions.active_counts(shapes, {"a": 0.52, "b": 0.6}, steps={"a": distributions.UnitSteps(2, 12),
+                                                                          "b": steps["b"]})
 
 
 def test_erk_caps_at_n_over_m_and_redistributes():
@@ -447,6 +638,55 @@ def test_strip_keeps_the_function():
     assert blocks_hold(kernel != 0, 4)
 
 
+def test_sparsify_lenet_1x16_masks_the_300_and_100_input_layers():
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="1x16", seed=0)
+    masks = kernel_masks(model)
+    assert sorted(masks) == ["fc1", "fc2", "fc3"]  # 784 = 49 x 16; 300 = 18 x 16 + 12; 100 = 6 x 16 + 4
+    check_invariant(model, "1x16")
+    assert all(layer.structure == S.Blocks(16) for layer in keras_rigl.masked_layers(model))
+    sizes = {"fc1": 784 * 300, "fc2": 300 * 100, "fc3": 100 * 10}
+    densities = distributions.layer_densities({n + "/kernel": (s // o, o) for n, s, o in
+                                               [("fc1", sizes["fc1"], 300), ("fc2", sizes["fc2"], 100),
+                                                ("fc3", sizes["fc3"], 10)]}, 0.9)
+    for name, mask in masks.items():
+        steps = S.Blocks(16).count_steps(mask.shape)
+        count = int(mask.sum())
+        assert steps.floor(count) == count  # a count the structure can hold (whole and last blocks in proportion)
+        assert abs(count - densities[name + "/kernel"] * sizes[name]) <= 16  # within one block of its share
+    # 10 % of 266200 = 26620 active: the total is the target to within half a block
+    assert abs(sum(int(m.sum()) for m in masks.values()) - 26620) <= 8
+    # the last, shorter blocks are used: fc2's last 12 inputs are on for about as many output units as a
+    # whole block's (the two pools get the same density)
+    fc2 = masks["fc2"]
+    assert 0 < fc2[288:].any(axis=0).sum() < 100
+    whole = fc2[:288].reshape(18, 16, 100).any(axis=1).mean()
+    assert abs(fc2[288:].any(axis=0).mean() - whole) <= 0.02
+    # magnitude init holds it too
+    check_invariant(keras_rigl.sparsify(lenet_300_100(), 0.9, structure="1x16", mask_init="magnitude", seed=0),
+                    "1x16")
+
+
+def test_partial_blocks_save_load_and_strip_round_trip(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="1x16", seed=0)
+    assert keras_rigl.masked_layers(model)[1].get_config()["structure"]["config"] == {"k": 16}
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [layer.structure for layer in keras_rigl.masked_layers(loaded)] == [S.Blocks(16)] * 3
+    for name, mask in kernel_masks(loaded).items():
+        np.testing.assert_array_equal(mask, kernel_masks(model)[name])
+    x = np.random.default_rng(0).random((4, 784)).astype("float32")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    stripped = keras_rigl.strip(loaded)
+    assert not keras_rigl.masked_layers(stripped)
+    np.testing.assert_allclose(stripped.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    for name in ("fc1", "fc2", "fc3"):
+        kernel = stripped.get_layer(name).kernel.numpy()
+        assert blocks_hold(kernel != 0, 16) and S.Blocks(16).holds(kernel != 0)
+        np.testing.assert_array_equal(kernel != 0, kernel_masks(model)[name])
+
+
 # ------------------------------------------------------------ training
 class InvariantEveryBatch(keras.callbacks.Callback):
     """Runs after the sparse callback: the structure and every weight's active count hold after each step."""
@@ -499,6 +739,52 @@ def test_every_method_keeps_the_structure_at_every_update(method, spec):
         assert row["n_active"] == before[row["layer"]]
         if spec == "1x4":
             assert row["n_dropped"] % 4 == 0 and row["n_moved"] % 4 == 0
+
+
+def partial_cnn():
+    """Every kernel but one has a last, shorter 1x4 block: conv1 (3, 3, 6, 6), conv2 (3, 3, 6, 10), out (10, 10)."""
+    inp = keras.Input((8, 8, 6))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv1")(inp)
+    x = keras.layers.Conv2D(10, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(10, activation="relu", name="hidden")(x)  # (160, 10): whole blocks
+    return keras.Model(inp, keras.layers.Dense(10, name="out")(x))
+
+
+@pytest.mark.parametrize("method, compiled", [(keras_rigl.RigL, None), (keras_rigl.RigL, False),
+                                              (keras_rigl.SET, None), (keras_rigl.SNFS, None)])
+def test_partial_blocks_keep_the_structure_and_the_count_at_every_update(method, compiled):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(partial_cnn(), 0.7, structure="1x4", seed=0)
+    before = {name: int(m.sum()) for name, m in kernel_masks(model).items()}
+    assert sorted(before) == ["conv1", "conv2", "hidden", "out"]
+    callback = method(update_freq=2, drop_fraction=0.5, compiled=compiled)
+    _fit(model, callback, "1x4", *teacher_data((8, 8, 6), 128))
+    from keras_rigl import compiled_structure
+
+    assert isinstance(callback._compiled_update, compiled_structure.StructuredCompiledUpdate) == (compiled is None)
+    rows = callback.updates
+    assert len(rows) > 0
+    for _, row in rows.iterrows():
+        assert row["n_active"] == before[row["layer"]]
+    moved = rows.groupby("layer")["n_moved"].sum()
+    assert (moved[["conv1", "conv2", "out"]] > 0).all()
+
+
+@pytest.mark.parametrize("compiled", [None, False])
+def test_rigl_fit_lenet_1x16_keeps_blocks_and_counts(compiled):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="1x16", seed=0)
+    keras_rigl.rescale_active_weights(model)
+    before = {name: int(m.sum()) for name, m in kernel_masks(model).items()}
+    callback = keras_rigl.RigL(update_freq=2, compiled=compiled)
+    _fit(model, callback, "1x16", *teacher_data((784,), 128), epochs=2)
+    rows = callback.updates
+    assert set(rows["layer"]) == {"fc1", "fc2"}  # fc3 is dense under ERK at 0.9: nothing to move
+    for _, row in rows.iterrows():
+        assert row["n_active"] == before[row["layer"]]
+    assert rows.groupby("layer")["n_moved"].sum()["fc2"] > 0
+    assert {name: int(m.sum()) for name, m in kernel_masks(model).items()} == before
 
 
 @keras.saving.register_keras_serializable(package="keras_rigl_tests")
@@ -595,6 +881,69 @@ def test_compiled_selection_by_hand():
     assert tuple(int(keras.ops.convert_to_numpy(v)) for v in got[3]) == (6, 2, 2)
 
 
+def _compare_partial_selection(shape, k, fraction, seed, rng, levels, reinit, special="none", any_mask=True):
+    """select_blocks against Blocks.drop_and_grow on one weight with a last, shorter block."""
+    from keras_rigl import compiled_structure, compiled_update
+
+    structure = S.Blocks(k)
+    if any_mask:
+        mask = random_block_mask(shape, k, rng).astype("float32")
+    else:
+        n_active = structure.count_steps(shape).floor(int(rng.integers(0, int(np.prod(shape)) + 1)))
+        mask = structure.initial_mask(shape, n_active, rng).astype("float32")
+    w = (rng.integers(-levels, levels + 1, shape) / levels).astype("float32") * mask  # ties when levels is small
+    grow = (rng.integers(0, levels + 1, shape) / levels).astype("float32")
+    if special != "none":
+        flat = grow.reshape(-1)
+        flat[rng.integers(0, flat.size, 2)] = {"nan": np.nan, "inf": np.inf, "zeros": 0.0}[special]
+    expected = structure.drop_and_grow(w, mask, grow, fraction, seed=seed, reinit_regrown=reinit)
+    tensor = keras.ops.convert_to_tensor
+    for static_k in (False, True):
+        got = compiled_structure.select_blocks(w, mask, grow, tensor(fraction, "float64"), tensor(seed, "int64"),
+                                               reinit, k, compiled_update.candidate_keys, static_k=static_k)
+        new_active, grown, removed = [keras.ops.convert_to_numpy(x) for x in got[:3]]
+        np.testing.assert_array_equal(new_active, expected.new_mask != 0)
+        np.testing.assert_array_equal(grown, expected.grown)
+        np.testing.assert_array_equal(removed, expected.removed)
+        counts = tuple(int(keras.ops.convert_to_numpy(v)) for v in got[3])
+        assert counts == (expected.n_active, expected.n_dropped, expected.n_moved)
+    return expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(), (2,), (3, 3)]), st.sampled_from([2, 4, 16]), st.integers(1, 3), st.integers(0, 14),
+       st.integers(1, 3), st.floats(0, 1), st.integers(0, 2**32 - 1), st.integers(0, 10**6),
+       st.sampled_from([1, 3, 1000]), st.booleans(), special_values, st.booleans())
+def test_compiled_partial_blocks_are_bit_identical_to_numpy(spatial, k, whole, extra, n_out, fraction, seed, draw,
+                                                            levels, reinit, special, any_mask):
+    shape = partial_shape(spatial, k, whole, extra, n_out)
+    _compare_partial_selection(shape, k, fraction, seed, np.random.default_rng(draw), levels, reinit, special,
+                               any_mask)
+
+
+@pytest.mark.parametrize("k, shape", [(4, (6, 5)), (4, (10, 7)), (16, (300, 100)), (16, (100, 10)),
+                                      (4, (3, 3, 6, 8)), (16, (3, 3, 20, 4))])
+def test_compiled_partial_blocks_on_the_named_shapes(k, shape):
+    rng = np.random.default_rng(sum(shape))
+    moved = 0
+    for trial in range(4):
+        r = _compare_partial_selection(shape, k, [0.3, 0.5, 1.0, 0.1][trial], trial, rng, [1000, 3, 1000, 1][trial],
+                                       trial % 2 == 1, any_mask=trial < 2)
+        moved += r.n_moved
+    assert moved > 0
+
+
+def test_compiled_partial_blocks_by_hand():
+    from keras_rigl import compiled_structure, compiled_update
+
+    w, mask, grow = _partial_example()
+    tensor = keras.ops.convert_to_tensor
+    got = compiled_structure.select_blocks(w, mask, grow, tensor(1.0, "float64"), tensor(0, "int64"), False, 4,
+                                           compiled_update.candidate_keys)
+    assert _blocks_on(keras.ops.convert_to_numpy(got[0])) == ["F0", "F2", "P1"]
+    assert tuple(int(keras.ops.convert_to_numpy(v)) for v in got[3]) == (10, 10, 6)
+
+
 @pytest.mark.parametrize("grow_by,reinit", [("gradient", False), ("random", True)])
 def test_whole_model_structured_update_equals_the_numpy_path(grow_by, reinit):
     from keras_rigl import compiled_structure, optimizer_state
@@ -639,6 +988,48 @@ def test_whole_model_structured_update_equals_the_numpy_path(grow_by, reinit):
         for a, b in zip(got, slots):
             np.testing.assert_array_equal(a, b)
         assert (counts.n_active[i], counts.n_dropped[i], counts.n_moved[i]) == (r.n_active, r.n_dropped, r.n_moved)
+
+
+@pytest.mark.parametrize("build, spec, sparsity", [(partial_cnn, "1x4", 0.7), (lenet_300_100, "1x16", 0.9)])
+@pytest.mark.parametrize("grow_by,reinit", [("gradient", False), ("random", True)])
+def test_whole_model_partial_blocks_update_equals_the_numpy_path(build, spec, sparsity, grow_by, reinit):
+    from keras_rigl import compiled_structure, optimizer_state
+
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(build(), sparsity, structure=spec, seed=0)
+    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    layers = keras_rigl.masked_layers(model)
+    rng = np.random.default_rng(0)
+    shape = tuple(model.inputs[0].shape[1:])
+    xs, ys = rng.normal(size=(32,) + shape).astype("float32"), rng.integers(0, 10, 32)
+    for layer in layers:
+        layer.set_capture_mode(1)
+    model.fit(xs, ys, batch_size=16, epochs=1, verbose=0)
+    weights = [mw for layer in layers for mw in layer.masked_weights]
+    structures_ = [layer.structure for layer in layers for _ in layer.masked_weights]
+    seeds = [updates.update_seed(5, 100, i + 1) for i in range(len(weights))]
+    expected = []
+    for mw, structure, seed in zip(weights, structures_, seeds):
+        w, m = keras.ops.convert_to_numpy(mw.weight), keras.ops.convert_to_numpy(mw.mask)
+        scores = (np.abs(keras.ops.convert_to_numpy(mw.capture.read())) if grow_by == "gradient"
+                  else updates.random_scores(m.shape, seed))
+        f = 0.3 if 0 < m.sum() < m.size else 0.0  # both paths leave dense and empty weights alone
+        r = structure.drop_and_grow(w, m, scores, f, seed=seed, reinit_regrown=reinit)
+        slots = [np.where(r.grown | r.removed, reset, keras.ops.convert_to_numpy(s))
+                 for s, reset in optimizer_state.slot_variables(model.optimizer, mw.weight)]
+        expected.append((r, np.where(r.grown, 0, w) * r.new_mask, slots, f))
+    assert all(r.n_moved > 0 for r, _, _, f in expected if f)
+    update = compiled_structure.StructuredCompiledUpdate(weights, structures=structures_, grow_by=grow_by,
+                                                         reinit_regrown=reinit, optimizer=model.optimizer)
+    counts = update(0.3, seeds)
+    for i, (mw, (r, new_w, slots, f)) in enumerate(zip(weights, expected)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.mask), r.new_mask)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.weight), new_w)
+        got = [keras.ops.convert_to_numpy(s) for s, _ in optimizer_state.slot_variables(model.optimizer, mw.weight)]
+        for a, b in zip(got, slots):
+            np.testing.assert_array_equal(a, b)
+        assert (counts.n_active[i], counts.n_dropped[i], counts.n_moved[i]) == (r.n_active, r.n_dropped, r.n_moved)
+        assert S.Blocks(int(spec[2:])).holds(keras.ops.convert_to_numpy(mw.mask))
 
 
 def test_fit_takes_the_compiled_structured_path_by_default():

@@ -298,3 +298,56 @@ def test_benchmark_condensed_column_times_a_smaller_model():
     after, before = cell.split("params ")[1].rstrip(")").split("/")
     assert int(after.replace(",", "")) < 0.6 * int(before.replace(",", ""))
     assert bench.condensed_vs_dense(model, sparse, "1x4", None, args) == "n/a: fan_in only"
+
+
+# ----------------------------------------- 1x16 on LeNet: partial last blocks ---
+def _lenet_300_100():
+    inp = keras.Input((784,))
+    h = keras.layers.Dense(300, activation="relu", name="fc1")(inp)
+    h = keras.layers.Dense(100, activation="relu", name="fc2")(h)
+    return keras.Model(inp, keras.layers.Dense(10, name="fc3")(h))
+
+
+@pytest.mark.parametrize("per_layer, blocked", [(None, ["fc1", "fc2"]), ({"fc3": 0.8}, ["fc1", "fc2", "fc3"])])
+def test_sparsify_lenet_1x16_trains_and_exports_int8_block_sparse(tmp_path, per_layer, blocked):
+    """structure="1x16" masks LeNet's 300- and 100-input layers (last blocks of 12 and 4 inputs); after RigL
+    updates every sparse Dense layer runs on the int8 sparse FC kernel and the file matches Keras."""
+    from keras_rigl import structure as S
+
+    keras.utils.set_random_seed(0)
+    sparse = keras_rigl.sparsify(_lenet_300_100(), 0.9, structure="1x16", per_layer=per_layer, seed=0)
+    masked = {layer.layer.name: layer for layer in keras_rigl.masked_layers(sparse)}
+    assert sorted(masked) == ["fc1", "fc2", "fc3"]
+    before = {name: int(layer.get_masks()["kernel"].sum()) for name, layer in masked.items()}
+    x = _inputs(sparse, 128)
+    y = np.random.default_rng(2).integers(0, 10, 128)
+    sparse.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = keras_rigl.RigL(update_freq=2)
+    sparse.fit(x, y, batch_size=32, epochs=1, callbacks=[callback], verbose=0)
+    assert callback.updates["n_moved"].sum() > 0
+    for name, layer in masked.items():
+        mask = layer.get_masks()["kernel"]
+        assert S.Blocks(16).holds(mask) and int(mask.sum()) == before[name], name
+        assert (mask.mean() < 0.7) == (name in blocked), name  # the rest is dense under ERK
+
+    path = tmp_path / "lenet16.tflite"
+    report = export_tflite(sparse, path, quantize="int8", representative_data=x)
+    table = {row["layer"]: row for row in report.attrs["block_sparse"]}
+    assert sorted(table) == ["fc1", "fc2", "fc3"]
+    for name in blocked:
+        assert table[name]["file_block"] == "1x16" and table[name]["kernel"] == "sparse FC 1x16 (int8)", table[name]
+        assert table[name]["mask_block"] == 16
+    ops = fully_connected_ops(path)
+    assert (ops["block"] == "1x16").sum() == len(blocked)
+    padded = {(100, 304), (10, 112)}  # 300 and 100 inputs padded to whole blocks of 16
+    assert {shape for shape, block in zip(ops["shape"], ops["block"]) if block} >= (padded if "fc3" in blocked
+                                                                                   else {(100, 304)})
+    parity = keras_rigl.tflite_parity(sparse, path, x)
+    assert parity["agreement"] >= 0.9
+    # the dense int8 file of the same weights is the reference for the quantization error
+    dense_path = tmp_path / "dense.tflite"
+    export_tflite(sparse, dense_path, quantize="int8", representative_data=x, sparse=False)
+    keras_out = sparse.predict(x, verbose=0)
+    sparse_err = np.max(np.abs(tflite_predict(path, x, use_xnnpack=False) - keras_out))
+    dense_err = np.max(np.abs(tflite_predict(dense_path, x, use_xnnpack=False) - keras_out))
+    assert sparse_err <= 1.5 * dense_err + 1e-6 and sparse_err <= 0.03 * np.ptp(keras_out)
