@@ -205,3 +205,12 @@ def test_compare_cnn_structure_prints_the_layers_left_dense(tmp_path, capsys, mo
     line = [ln for ln in printed.splitlines() if "1x4" in ln and "conv1" in ln]
     assert len(line) == 1 and "left dense" in line[0] and "remaining" in line[0], printed
     assert rows[0].structure == "1x4"
+
+
+@pytest.mark.parametrize("spec,part", [("1x4", "_1x4_"), ("2:4", "_2of4_"), ("fan_in", "_fan_in_"),
+                                       ("fan_in(unit_sparsity=0.5)", "_fan_in-unit_sparsity-0.5_"),
+                                       ("fan_in(0.2,unit_sparsity=0.25)", "_fan_in-0.2-unit_sparsity-0.25_")])
+def test_default_run_names_are_plain_folder_names(spec, part):
+    name = runner.Config(method="rigl", structure=spec).default_run_name()
+    assert part in name and name == f"mnist5k_cnn_rigl{part}s0.9_seed0"
+    assert all(c.isalnum() or c in "._-" for c in name), name

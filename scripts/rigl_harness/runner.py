@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 
@@ -62,8 +63,9 @@ class Config:
     def default_run_name(self):
         data = os.path.splitext(os.path.basename(self.dataset))[0]
         name = f"{data}_{self.model}_{self.method}"
-        if self.structure != "none":  # "2:4" -> "2of4": a folder name without ":"
-            name += "_" + self.structure.replace(":", "of")
+        if self.structure != "none":  # "2:4" -> "2of4", "fan_in(unit_sparsity=0.5)" -> "fan_in-unit_sparsity-0.5"
+            plain = re.sub(r"[^A-Za-z0-9._]+", "-", self.structure.replace(":", "of"))
+            name += "_" + plain.strip("-")
         if self.sparse:
             name += f"_s{self.sparsity:g}"
         if self.width != 1.0:
