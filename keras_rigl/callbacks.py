@@ -86,12 +86,9 @@ class _DeviceEverActive:
     def sum(self):
         return self._count
 
-    def numpy(self):
-        return ops.convert_to_numpy(self.value()).astype(bool)
-
     def value(self):
         """The record as the update keeps it (a device array: nothing read to the host)."""
-        return self._update.ever_active[self._index]
+        return ops.convert_to_tensor(self._update.ever_active[self._index])
 
 
 def _accumulation_steps(optimizer):
@@ -538,16 +535,10 @@ class SparseTraining(keras.callbacks.Callback):
             )
         return results
 
-    def _ever_active_array(self, mw):
-        value = self._ever_active.get(id(mw.mask))
-        return value.numpy() if isinstance(value, _DeviceEverActive) else value
-
     def _ever_active_value(self, mw):
-        """The ever-active record of ``mw`` where it lives (a device array on JAX, NumPy elsewhere), or None."""
+        """The ever-active record of ``mw`` as a device array (bool), or None."""
         value = self._ever_active.get(id(mw.mask))
-        if isinstance(value, _DeviceEverActive):
-            return value.value() if keras.backend.backend() == "jax" else value.numpy()
-        return value
+        return value.value() if isinstance(value, _DeviceEverActive) else value
 
     def _float_fraction(self):
         if callable(self.drop_fraction):
@@ -572,16 +563,10 @@ class SparseTraining(keras.callbacks.Callback):
         return np.random.default_rng(seed).normal(0, std, shape).astype(w.dtype)
 
     def _record_active(self, mw):
-        key = id(mw.mask)
-        if keras.backend.backend() == "jax":
-            # On the device: a fit start or an update reads no mask to the host.
-            current = ops.not_equal(mw.mask.value, 0)
-            previous = self._ever_active_value(mw)
-            self._ever_active[key] = current if previous is None else ops.logical_or(previous, current)
-            return
-        current = ops.convert_to_numpy(mw.mask) != 0
-        previous = self._ever_active_array(mw)
-        self._ever_active[key] = (current if previous is None else previous) | current
+        # On the device: a fit start or an update reads no mask to the host.
+        current = ops.not_equal(mw.mask.value, 0)
+        previous = self._ever_active_value(mw)
+        self._ever_active[id(mw.mask)] = current if previous is None else ops.logical_or(previous, current)
 
     # -------------------------------------------------------------- reports
     @property
@@ -593,12 +578,10 @@ class SparseTraining(keras.callbacks.Callback):
 
     def current_sparsity(self, model):
         """Sparsity over the masked weights of ``model`` (counted by :func:`keras_rigl.count_active`)."""
-        if keras.backend.backend() == "jax":
-            counted = self._count_active_on_device(model)
-            if counted is not None:
-                active, total = counted
-                return 1.0 - active / total if total else 0.0
-        active, total = counting.count_active(model)
+        counted = self._count_active_on_device(model)
+        if counted is None:  # no masks, or one holding a value other than 0 and 1: count_active says which
+            counted = counting.count_active(model)
+        active, total = counted
         return 1.0 - active / total if total else 0.0
 
     @staticmethod
@@ -621,14 +604,15 @@ class SparseTraining(keras.callbacks.Callback):
 
     def itop_rate(self):
         """In-time over-parameterisation: share of masked weights ever active so far."""
-        total = sum(int(np.prod(m.shape)) if hasattr(m, "shape") else m.size for m in self._ever_active.values())
+        records = list(self._ever_active.values())
+        total = sum(m.size if isinstance(m, _DeviceEverActive) else int(np.prod(m.shape)) for m in records)
         if not total:
             return 0.0
-        counts = [m.sum() for m in self._ever_active.values()]  # device scalars on JAX: summed there, read once
-        on_device = [c for c in counts if not isinstance(c, (int, np.integer))]
-        host = sum(int(c) for c in counts if isinstance(c, (int, np.integer)))
+        # the compiled update's records know their count; the others are summed on the device and read once
+        host = sum(m.sum() for m in records if isinstance(m, _DeviceEverActive))
+        on_device = [ops.sum(ops.cast(m, "int32")) for m in records if not isinstance(m, _DeviceEverActive)]
         if on_device:
-            host += int(ops.convert_to_numpy(ops.sum(ops.stack([ops.cast(c, "int32") for c in on_device]))))
+            host += int(ops.convert_to_numpy(ops.sum(ops.stack(on_device))))
         return float(host / total)
 
     def _log_values(self, model):

@@ -392,7 +392,7 @@ class CompiledUpdate:
             starts = ever_active or [None] * len(self.masked_weights)
             with tf.init_scope():
                 self.ever_active = [
-                    tf.Variable(ops.convert_to_numpy(mw.mask) != 0 if start is None else np.asarray(start, bool),
+                    tf.Variable(tf.not_equal(mw.mask.value, 0) if start is None else tf.cast(start, tf.bool),
                                 trainable=False, name="ever_active")
                     for mw, start in zip(self.masked_weights, starts)
                 ]
@@ -407,9 +407,12 @@ class CompiledUpdate:
         )
 
     def reset_ever_active(self, arrays):
-        """Start the ever-active record again from ``arrays`` (None: the mask now), without retracing."""
+        """Start the ever-active record again from ``arrays`` (None: the mask now), without retracing.
+
+        A device array (a record the callback kept between fits) stays on the device.
+        """
         for variable, mw, start in zip(self.ever_active or [], self.masked_weights, arrays):
-            variable.assign(ops.convert_to_numpy(mw.mask) != 0 if start is None else np.asarray(start, bool))
+            variable.assign(ops.not_equal(mw.mask.value, 0) if start is None else ops.cast(start, "bool"))
 
     def _grow_scores(self, mw, seed):
         if self.grow_by == "random":

@@ -1,10 +1,13 @@
-"""RigL ``model.fit`` on JAX reads no mask to the host: ordinary steps read nothing, updates a few scalars.
+"""RigL ``model.fit`` reads no mask to the host: ordinary steps read nothing, updates a few scalars.
 
 On a GPU every device->host read waits for the device and crosses the bus.
-``jax.transfer_guard`` does not see reads on the CPU backend (the array is
-already in host memory), so the worker counts them where every read of a
-``jax.Array`` goes through: ``ArrayImpl._value`` (``np.asarray``, ``int()``,
-``keras.ops.convert_to_numpy``). Runs in a JAX subprocess, like
+The worker counts reads where every one goes through: on JAX
+``ArrayImpl._value`` (``jax.transfer_guard`` does not see reads on the CPU
+backend, where the array is already in host memory), on TensorFlow
+``EagerTensor._numpy`` (``.numpy()``, ``np.asarray``, ``int()``,
+``keras.ops.convert_to_numpy``; a variable is read through a tensor). On
+TensorFlow a step also reads the optimizer's step counter (one number), which
+the plan counts steps by. Runs in a subprocess per backend, like
 tests/test_compiled_update_jax.py.
 """
 
@@ -23,20 +26,34 @@ WORKER = textwrap.dedent(
     r"""
     import collections
     import keras, numpy as np
-    assert keras.backend.backend() == "jax"
-    from jax._src import array as jax_array
     import keras_rigl
 
     reads = collections.defaultdict(list)  # (hook, step) -> sizes of the arrays read to the host
     phase = [None]
-    original = jax_array.ArrayImpl._value
+    if keras.backend.backend() == "jax":
+        from jax._src import array as jax_array
 
-    def counted(self):
-        if phase[0] is not None:
-            reads[phase[0]].append(int(self.size))
-        return original.fget(self)
+        original = jax_array.ArrayImpl._value
 
-    jax_array.ArrayImpl._value = property(counted)
+        def counted(self):
+            if phase[0] is not None:
+                reads[phase[0]].append(int(self.size))
+            return original.fget(self)
+
+        jax_array.ArrayImpl._value = property(counted)
+        step_reads = 0  # steps are counted by batch
+    else:
+        from tensorflow.python.framework import ops as tf_ops
+
+        original = tf_ops._EagerTensorBase._numpy
+
+        def counted(self):
+            if phase[0] is not None:
+                reads[phase[0]].append(int(np.prod(self.shape)))
+            return original(self)
+
+        tf_ops._EagerTensorBase._numpy = counted
+        step_reads = 1  # optimizer.iterations, one number a step
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 1))
@@ -71,7 +88,7 @@ WORKER = textwrap.dedent(
     for (hook, step), sizes in sorted(reads.items(), key=lambda kv: str(kv[0])):
         updating = hook == "on_train_batch_end" and step is not None and step + 1 in update_steps
         if hook in ("on_train_batch_begin", "on_train_batch_end") and not updating:
-            limit_each, limit_total = 0, 0  # an ordinary step reads nothing
+            limit_each, limit_total = step_reads, step_reads  # an ordinary step reads nothing (but the step)
         else:
             limit_each, limit_total = scalars, 2 * scalars
         if max(sizes) > limit_each or sum(sizes) > limit_total:
@@ -83,9 +100,17 @@ WORKER = textwrap.dedent(
     total = sum(int(np.prod(mw.mask.shape)) for l in keras_rigl.masked_layers(model) for mw in l.masked_weights)
     assert abs(rigl._sparsity - (1 - active / total)) < 1e-12, (rigl._sparsity, active, total)
     assert active / total < rigl.itop_rate() <= 1.0  # connections moved: more ever active than active now
-    print("JAX_HOST_READS_OK", len(update_steps))
+    print("HOST_READS_OK", len(update_steps))
     """
 )
+
+
+def _run_worker(tmp_path, backend, python):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([python, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert "HOST_READS_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 @pytest.mark.any_backend
@@ -94,8 +119,8 @@ def test_rigl_fit_on_jax_reads_no_mask_to_the_host(tmp_path):
     probe = subprocess.run([python, "-c", "import jax"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"jax is not importable by {python}: pip install -e '.[jax]' (or set KERAS_RIGL_BACKEND_PYTHON)")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([python, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert "JAX_HOST_READS_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _run_worker(tmp_path, "jax", python)
+
+
+def test_rigl_fit_on_tensorflow_reads_no_mask_to_the_host(tmp_path):
+    _run_worker(tmp_path, "tensorflow", sys.executable)
