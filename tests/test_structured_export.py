@@ -351,9 +351,17 @@ def test_benchmark_fan_in_condensed_cnn(tmp_path, capsys):
     rows, report = _check_fan_in_case(_load_benchmark(), "cnn", tmp_path)
     assert set(report.removed) >= {"conv3", "fc1"}
     out = capsys.readouterr().out
-    assert "cond/dense" in out and "conv3 32/64" in out
+    assert "c/d med" in out and "conv3 32/64" in out
 
 
+def test_benchmark_fan_in_condensed_mobilenet_v1(tmp_path):
+    """MobileNet v1 (~25 s): condense removes pointwise channels through BatchNorm, ReLU and depthwise convs."""
+    rows, report = _check_fan_in_case(_load_benchmark(), "mobilenet_v1", tmp_path)
+    assert "conv_pw_13" in report.removed and "conv_preds" not in report.removed
+    assert rows[0]["params_after"] < 0.6 * rows[0]["params_before"]
+
+
+@pytest.mark.slow  # ~45 s on a loaded 2-core box (four MobileNetV2 exports): pytest -m slow
 def test_benchmark_fan_in_condensed_mobilenet_v2(tmp_path):
     """MobileNetV2: the projections read by a residual Add keep their ablated units (reported), the rest go."""
     rows, report = _check_fan_in_case(_load_benchmark(), "mobilenet_v2", tmp_path)
