@@ -4,17 +4,29 @@
     python benchmarks/structured_speed.py                      # everything (slow: run on a quiet machine)
     python benchmarks/structured_speed.py --quick              # LeNet only, 90 %, short timing: does it work?
     python benchmarks/structured_speed.py --models lenet --structures 1x4 1x16-int8 --sparsities 0.9
+    python benchmarks/structured_speed.py --models cnn --structures fan_in --unit-sparsity 0.5
 
 For every model (LeNet-300-100, the example CNN of scripts/rigl_harness/zoo.py,
 MobileNet v1/v2 at alpha 0.5, 96 px, weights=None), structure and sparsity it
 
-1. sparsifies the model (ERK layer densities) and sets masks of the structure,
-   made here with small local functions (random masks, the same for every
-   structure's rounding; ``sparsify(..., structure="1x16")`` now takes LeNet's
-   300- and 100-input layers too, with a shorter last block, but the timed
-   masks stay these, so the figures in docs/sparse_speed.md keep their
-   meaning); a partial last block is fine for the export (``export_tflite``
-   pads such int8 layers to whole blocks);
+1. sparsifies the model (ERK layer densities) and sets masks of the structure.
+   All structures but ``fan_in`` get masks made here with small local functions
+   (random masks, the same for every structure's rounding; ``sparsify(...,
+   structure="1x16")`` now takes LeNet's 300- and 100-input layers too, with a
+   shorter last block, but the timed masks stay these, so the figures in
+   docs/sparse_speed.md keep their meaning); a partial last block is fine for the
+   export (``export_tflite`` pads such int8 layers to whole blocks). ``fan_in``
+   gets the library's own masks, what a user has at the end of training with
+   ``fan_in(unit_sparsity=U)``: ``keras_rigl.sparsify(model, sparsity,
+   structure=keras_rigl.FanIn(unit_sparsity=U), seed=seed)`` (``--unit-sparsity``,
+   default 0.5; 0 gives plain ``fan_in``) and one mask update through the public
+   path outside a training plan, ``keras_rigl.SET(drop_fraction=0.3,
+   seed=seed).update_masks(sparse, step=1)``: outside a plan the unit target is
+   reached at once, so every hidden layer has ``units_to_ablate(U, None, units)``
+   units ablated, or as many as its budget allows (a layer whose living units would
+   need more than their dense fan-in keeps more, e.g. a dense first conv), and the
+   output layer none (SRigL's threshold, on by default, could ablate more; on these
+   untrained models at 80-95 % it ablates none beyond the target);
 2. exports the *same* masked weights twice with ``keras_rigl.export_tflite``:
    dense (``sparse=False``) and sparse, in the structure's quantization mode,
    plus the dense float32 file for int8 structures (the "vs fp32" column compares
@@ -27,21 +39,37 @@ MobileNet v1/v2 at alpha 0.5, 96 px, weights=None), structure and sparsity it
    order) with XNNPACK on and off, ``--repeats`` (>= 7) repeats of a fixed
    number of invokes each, and prints min and median sparse/dense ratios.
 
+``fan_in`` also measures what ``condense`` gives (the columns right of ``|``;
+empty for the other structures): ``small = keras_rigl.condense(sparse)`` is
+exported as a plain dense float32 file (``export_tflite(small, path,
+sparse=False)``), checked against the stripped sparse Keras model
+(``tflite_parity``: argmax agreement and max |diff|, also relative to the
+largest |output|; a mismatch is printed loudly, flagged in the row and makes the
+script exit 1), and timed in the same interleaved repeats as the dense float32
+file of the masked weights (batch 1, 1 thread, XNNPACK on and off: condensed /
+dense median and min). Keras ``predict_on_batch`` of ``small`` and of the dense
+model is timed at ``--predict-batch`` (default 256, after a warm-up; interleaved,
+``--repeats`` repeats of ``--predict-calls`` calls, TensorFlow's default
+threads). The row also holds the parameter counts after/before and the units
+kept / total of every layer that lost units or holds ablated ones (condense's
+report; ``*``: ablated units kept, ``condensed_kept_why`` says why: in
+MobileNetV2 the projections read by a residual Add keep theirs).
+
 Structures: ``unstructured`` (random masks, float), ``1x4`` (blocks of 4
 consecutive inputs of one output unit, float: TFLite's float sparse FC kernel),
 ``1x16-int8`` (1x16 blocks, full int8: the int8 sparse FC kernel),
 ``1x16-dynamic`` (1x16 blocks, dynamic-range int8 weights: the sparse hybrid FC
 kernel, which XNNPACK misreads, so its "XNNPACK on" row runs without it),
 ``2:4`` (2 of every 4 consecutive inputs: fixed 50 % sparsity, no TFLite
-kernel), ``fan_in`` (same number of active inputs per output unit; the "condensed"
-column times Keras ``predict_on_batch`` of ``keras_rigl.condense(sparse)``
-against the dense model, with ``--ablate`` of the hidden units off: without
-training no unit is ablated and condense has nothing to remove).
+kernel), ``fan_in`` (same number of active inputs per output unit, with
+``unit_sparsity`` ablation, then ``condense``: see above).
 
 Convolutions get masks of the same structure along the input-channel axis;
 TFLite has no sparse convolution kernel (on x86 with AVX XNNPACK's sparse path
-is off), so only Dense layers can get faster here. Timing numbers mean
-something only on a quiet machine.
+is off), so only Dense layers can get faster here, and CNNs only through
+``condense`` (fewer channels). The weights are untrained (random init): the
+MobileNets' sparse logits are tiny, hence the relative difference. Timing
+numbers mean something only on a quiet machine.
 """
 
 from __future__ import annotations
@@ -211,6 +239,7 @@ def time_pair(paths, x1, xnnpack, repeats, invokes, warmup=3):
 
 
 # -------------------------------------------------------------------- run ---
+UNITS_WIDTH = 100  # the printed table's units-kept column (the CSV and the per-case lines have all)
 CONDENSED_TOLERANCE = 1e-4  # max |diff| (absolute, or relative to the largest |output|) of a float32 file
 CONDENSED_COLUMNS = ("unit_sparsity", "condensed_median_ms", "condensed_min_ms", "condensed_ratio_median",
                      "condensed_ratio_min", "xnnpack_used_condensed", "predict_batch", "predict_dense_median_ms",
@@ -405,7 +434,14 @@ def _cell(value, fmt, width):
     return f"{'-' if value is None else format(value, fmt):>{width}}"
 
 
-def format_rows(rows):
+def _short_units(text, width):
+    if text == "n/a":
+        return ""
+    return text if width is None or len(text) <= width else text[:width].rsplit(", ", 1)[0] + ", ... (all in the CSV)"
+
+
+def format_rows(rows, units_width=None):
+    """The table; ``units_width``: cut the units-kept column to about that many characters."""
     head = (f"{'model':<13}{'structure':<14}{'quant':<9}{'sparsity':>8} {'XNNPACK':<8}{'dense med ms':>13}"
             f"{'sparse med ms':>14}{'ratio med':>10}{'ratio min':>10}{'vs fp32':>10} {'sparse FC':>9}"
             f"{'agree':>7}{'max|diff|':>10} |{'cond med ms':>12}{'cond min ms':>12}{'c/d med':>8}{'c/d min':>8}"
@@ -423,8 +459,7 @@ def format_rows(rows):
                      f"{_cell(r['condensed_ratio_min'], '.2f', 8)}{_cell(r['predict_ratio_median'], '.2f', 9)}"
                      f"{_cell(r['predict_ratio_min'], '.2f', 9)}{_cell(r['condensed_agreement'], '.2f', 8)}"
                      f"{_cell(r['condensed_max_abs_diff'], '.2g', 9)}{params:>22}  "
-                     f"{'MISMATCH ' if r['condensed_mismatch'] else ''}"
-                     f"{'' if r['units_kept'] == 'n/a' else r['units_kept']}")
+                     f"{'MISMATCH ' if r['condensed_mismatch'] else ''}{_short_units(r['units_kept'], units_width)}")
     batches = sorted({r["predict_batch"] for r in rows if r["predict_batch"] is not None})
     lines.append("ratio = sparse / dense time of the same weights in the same quantization (median and min over "
                  "repeats); vs fp32 = sparse median / the faster (XNNPACK on or off) dense float32 median; sparse FC = Dense "
@@ -538,11 +573,13 @@ def main(argv=None):
                 sparsities = [NM_SPARSITY] if structure == "2:4" else args.sparsities
                 for sparsity in sparsities:
                     rows.extend(run_case(model_name, structure, sparsity, args, workdir))
-                    print("\n".join(format_rows(rows[-2:]).splitlines()[1:3]))
+                    print("\n".join(format_rows(rows[-2:], UNITS_WIDTH).splitlines()[1:3]))
+                    if rows[-1]["structure"] == "fan_in":
+                        print(f"    units kept / total: {rows[-1]['units_kept']}")
                     if rows[-1]["condensed_kept_why"]:
-                        print(f"    ablated units kept ({model_name}): {rows[-1]['condensed_kept_why']}")
+                        print(f"    ablated units kept because: {rows[-1]['condensed_kept_why']}")
     print()
-    print(format_rows(rows))
+    print(format_rows(rows, UNITS_WIDTH))
     if args.csv:
         _write_csv(rows, args.csv)
     bad = sorted({f"{r['model']} {r['structure']} {r['sparsity']:g}" for r in rows if r["condensed_mismatch"]})
