@@ -239,8 +239,7 @@ def test_benchmark_masks_have_their_structure():
     assert kernel_block_size(mask) % 4 == 0 and math.isclose(mask.mean(), 0.25, abs_tol=0.01)
     nm = bench.n_of_m_mask((32, 8), 2, 4, rng)
     assert (nm.reshape(8, 4, 8).sum(axis=1) == 2).all()
-    fan = bench.fan_in_mask((3, 3, 16, 8), 0.1, rng)
-    assert (fan.reshape(-1, 8).sum(axis=0) == 14).all()
+    assert not hasattr(bench, "fan_in_mask")  # fan_in masks come from keras_rigl.sparsify now
 
 
 def test_benchmark_quick_run(tmp_path, capsys):
@@ -253,7 +252,7 @@ def test_benchmark_quick_run(tmp_path, capsys):
         assert r["agreement"] == 1.0 and r["max_abs_diff"] < 1e-5
         assert r["sparse_fc_layers"].split("/")[0] != "0"
         assert r["sparse_median_ms"] > 0 and r["dense_median_ms"] > 0
-        assert r["condensed_vs_dense"] == "n/a: fan_in only"
+        assert r["condensed_median_ms"] is None and r["units_kept"] == "n/a"  # fan_in only
     assert (tmp_path / "r.csv").exists()
     assert "ratio med" in capsys.readouterr().out
 
@@ -287,17 +286,88 @@ def test_int8_1x16_with_inputs_not_a_multiple_of_16_keeps_every_input(quantize, 
     assert np.max(np.abs(sparse_out - keras_out)) <= 1.5 * dense_err + 1e-6
 
 
-def test_benchmark_condensed_column_times_a_smaller_model():
-    if not hasattr(keras_rigl, "condense"):
-        pytest.skip("keras_rigl.condense (fanin branch) not merged")
-    bench = _load_benchmark()
-    args = bench.parse_args(["--quick", "--invokes", "10"])
-    model = bench.build_model("lenet")
-    sparse = bench.sparse_model(model, "fan_in", 0.9, ablate=0.5)
-    cell = bench.condensed_vs_dense(model, sparse, "fan_in", bench.input_batch(model, 1), args)
-    after, before = cell.split("params ")[1].rstrip(")").split("/")
-    assert int(after.replace(",", "")) < 0.6 * int(before.replace(",", ""))
-    assert bench.condensed_vs_dense(model, sparse, "1x4", None, args) == "n/a: fan_in only"
+def _expected_ablated(mask, unit_sparsity, at_output):
+    """The library's unit target for one mask, capped by what its budget allows (fan_in.ablation_decision)."""
+    from keras_rigl import fan_in
+
+    units = mask.shape[-1]
+    budget = fan_in.budget(mask.shape, int(mask.sum()))
+    min_units = budget // fan_in.dense_fan_in(mask.shape)
+    spare = 0 if min_units >= units else units - min_units - 1
+    return 0 if at_output else min(fan_in.units_to_ablate(unit_sparsity, None, units), spare)
+
+
+def _check_fan_in_case(bench, model_name, tmp_path, unit_sparsity=0.5):
+    from keras_rigl import fan_in
+    from keras_rigl.sparsify import _masked_at_model_output
+
+    csv_path = tmp_path / f"{model_name}.csv"
+    rows = bench.main(["--models", model_name, "--structures", "fan_in", "--sparsities", "0.9",
+                       "--unit-sparsity", str(unit_sparsity), "--repeats", "7", "--invokes", "1",
+                       "--predict-batch", "4", "--predict-calls", "1", "--parity-samples", "8",
+                       "--workdir", str(tmp_path), "--csv", str(csv_path)])
+    assert [r["xnnpack"] for r in rows] == ["on", "off"]
+    # the masks the benchmark timed: the library's, rebuilt here from the same seed
+    sparse = bench.sparse_model(bench.build_model(model_name, 0), "fan_in", 0.9, seed=0, unit_sparsity=unit_sparsity)
+    layers = keras_rigl.masked_layers(sparse)
+    outputs = {id(layer) for layer in _masked_at_model_output(sparse)}  # the logits: never ablated
+    ablated_total = 0
+    for layer in layers:
+        mask = np.asarray(layer.get_masks()["kernel"])
+        at_output = id(layer) in outputs
+        ablated = int(fan_in.ablated_units(mask).sum())
+        assert ablated == _expected_ablated(mask, unit_sparsity, at_output), layer.name
+        assert fan_in.holds(mask), layer.name
+        ablated_total += ablated
+    assert ablated_total > 0
+    small, report = keras_rigl.condense(sparse, return_report=True)
+    for r in rows:
+        assert r["structure"] == "fan_in" and r["unit_sparsity"] == unit_sparsity
+        assert r["condensed_agreement"] == 1.0 and r["condensed_max_abs_diff"] <= 1e-4, r
+        assert r["condensed_mismatch"] is False
+        assert r["params_after"] == report.params_after < r["params_before"] == report.params_before
+        assert r["condensed_median_ms"] > 0 and r["condensed_min_ms"] > 0
+        np.testing.assert_allclose(r["condensed_ratio_median"], r["condensed_median_ms"] / r["dense_median_ms"])
+        assert r["predict_ratio_median"] > 0 and r["predict_ratio_min"] > 0 and r["predict_batch"] == 4
+    # units kept per layer: the condense report's, for every layer that lost units or holds ablated ones
+    kept = dict(item.rstrip("*").rsplit(" ", 1) for item in rows[0]["units_kept"].split(", "))
+    for name, units in report.removed.items():
+        k, total = (int(v) for v in kept[name].split("/"))
+        assert k == total - len(units), name
+    for name in report.kept:
+        assert name in kept, name
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    for column in ("condensed_median_ms", "condensed_ratio_median", "condensed_ratio_min", "predict_ratio_median",
+                   "condensed_agreement", "condensed_max_abs_diff", "params_before", "params_after", "units_kept"):
+        assert df[column].notna().all(), column
+    return rows, report
+
+
+def test_benchmark_fan_in_condensed_cnn(tmp_path, capsys):
+    """fan_in(unit_sparsity=0.5) masks from the library, one SET update: condense removes the units the rule
+    ablates, and the condensed TFLite file computes what the stripped sparse model computes."""
+    rows, report = _check_fan_in_case(_load_benchmark(), "cnn", tmp_path)
+    assert set(report.removed) >= {"conv3", "fc1"}
+    out = capsys.readouterr().out
+    assert "c/d med" in out and "conv3 32/64" in out
+
+
+def test_benchmark_fan_in_condensed_mobilenet_v1(tmp_path):
+    """MobileNet v1 (~25 s): condense removes pointwise channels through BatchNorm, ReLU and depthwise convs."""
+    rows, report = _check_fan_in_case(_load_benchmark(), "mobilenet_v1", tmp_path)
+    assert "conv_pw_13" in report.removed and "conv_preds" not in report.removed
+    assert rows[0]["params_after"] < 0.6 * rows[0]["params_before"]
+
+
+@pytest.mark.slow  # ~45 s on a loaded 2-core box (four MobileNetV2 exports): pytest -m slow
+def test_benchmark_fan_in_condensed_mobilenet_v2(tmp_path):
+    """MobileNetV2: the projections read by a residual Add keep their ablated units (reported), the rest go."""
+    rows, report = _check_fan_in_case(_load_benchmark(), "mobilenet_v2", tmp_path)
+    assert any("Add" in why for why in report.kept.values())
+    assert "Add" in rows[0]["condensed_kept_why"]
+    assert rows[0]["params_after"] < 0.6 * rows[0]["params_before"]
 
 
 # ----------------------------------------- 1x16 on LeNet: partial last blocks ---
