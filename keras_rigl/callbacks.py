@@ -202,6 +202,7 @@ class SparseTraining(keras.callbacks.Callback):
         self._writer = None
         self._sparsity = None
         self._itop = 0.0
+        self._counted = None
         self._planned = False
 
     # ------------------------------------------------------------ variations
@@ -346,6 +347,7 @@ class SparseTraining(keras.callbacks.Callback):
                 items.append(
                     UpdateItem(layer, mw, seed, self.drop_scores(layer, mw, seed), self.grow_scores(layer, mw, seed))
                 )
+        self._counted = None  # (active, total) after the update, where the compiled update counted them
         results = self._drop_and_grow_all(items, fraction, step, optimizer)
         rows = []
         for position, (item, result) in enumerate(zip(items, results)):
@@ -519,6 +521,8 @@ class SparseTraining(keras.callbacks.Callback):
             self._compiled_key = key
             self._compiled_update.reset_ever_active([self._ever_active_value(mw) for mw in weights])
         counts = self._compiled_update(fraction, [item.seed for item in items])
+        # every masked weight is an item here, and an update keeps each one's count: the sparsity log for free
+        self._counted = (int(counts.n_active.sum()), sum(int(np.prod(item.masked_weight.mask.shape)) for item in items))
         results = []
         for i, item in enumerate(items):
             size = int(np.prod(item.masked_weight.mask.shape))
@@ -707,7 +711,8 @@ class SparseTraining(keras.callbacks.Callback):
             self.step = step
             model = self._model_at(step)
             if self.after_step(model, step, model.optimizer):
-                self._sparsity = self.current_sparsity(model)
+                counted = self._counted
+                self._sparsity = self.current_sparsity(model) if counted is None else 1.0 - counted[0] / counted[1]
                 self._itop = self.itop_rate()
         if logs is not None:
             logs.update(self._log_values(_compat.model_without_state_sync(self)))

@@ -166,23 +166,78 @@ SAMPLE_STRIDE = 61  # prime: a strided sample cuts evenly across every axis of a
 BRACKET_SIGMAS, BRACKET_SLACK = 4, 16  # sample ranks either side of the k-th: 4 standard deviations + 16
 
 
+_FUSED = {}
+
+
+def _fused(fn):
+    """``fn`` compiled by XLA (its elementwise passes fused into one pass over the weight), called on tensors.
+
+    The candidate sets of the by-index update have data-dependent sizes, which
+    XLA cannot compile, but the passes over every entry around them can be: each
+    costs about as much as one read of the weight, and unfused a weight takes
+    some thirty of them (measured: a ResNet50 update 1.2 s on 2 CPU cores).
+    """
+    import tensorflow as tf
+
+    compiled = _FUSED.get(fn)
+    if compiled is None:
+        compiled = _FUSED[fn] = tf.function(fn, jit_compile=True, autograph=False)
+    # tf.identity: hand the XLA function tensors (the values read now), never variables
+    return lambda *tensors, **static: compiled(*tf.nest.map_structure(tf.identity, tensors), **static)
+
+
 def _flat_active_and_grow_eager(mask, grow_scores):
     grow = ops.reshape(ops.cast(grow_scores, "float32"), (-1,))
     finite = ops.logical_and(ops.isfinite(grow), ops.not_equal(grow, 0.0))
     return ops.not_equal(ops.reshape(mask, (-1,)), 0), ops.where(finite, grow, 0.0)  # the scores as order_keys sees them
 
 
-_fused_active_and_grow = None
-
-
 def _flat_active_and_grow(mask, grow_scores):
     """Flat ``mask != 0`` and sanitized grow scores in one XLA-fused pass (else some six passes)."""
-    import tensorflow as tf
+    return _fused(_flat_active_and_grow_eager)(mask, grow_scores)
 
-    global _fused_active_and_grow
-    if _fused_active_and_grow is None:
-        _fused_active_and_grow = tf.function(_flat_active_and_grow_eager, jit_compile=True, autograph=False)
-    return _fused_active_and_grow(tf.identity(mask), tf.identity(grow_scores))
+
+def _count_active_eager(mask):
+    return ops.sum(ops.cast(ops.not_equal(mask, 0), "int32"))
+
+
+def _bracket_masks_eager(eligible, scores, ceiling, floor):
+    above = ops.logical_and(eligible, scores > ceiling)
+    middle = ops.logical_and(eligible, ops.logical_and(scores >= floor, scores <= ceiling))
+    return above, middle, ops.sum(ops.cast(above, "int32")), ops.sum(ops.cast(middle, "int32"))
+
+
+def _ever_active_eager(ever, mask):
+    now = ops.logical_or(ever, ops.not_equal(mask, 0))
+    return now, ops.sum(ops.cast(now, "int32"))
+
+
+def _write_by_index_eager(mask, delta, weight, slots, resets, reinit_regrown):
+    """The new mask, weight and optimizer slots of one weight from its flat ``delta``.
+
+    ``delta`` is -1 at every dropped entry plus +2 at every grown one (summed:
+    an entry dropped and grown back gets +1), so ``code = was_active + delta``
+    is 0 off, 1 kept and 2 grown; grown entries that were active before keep
+    their weight and slots unless ``reinit_regrown``. ``resets``: per slot its
+    reset value, or ``optimizer_state.FOLLOW_WEIGHT``. The same values as the
+    reference (:func:`keras_rigl.updates.apply_update`, ``reset_slots``).
+    """
+    shape = tuple(weight.shape)
+    was = ops.not_equal(ops.reshape(mask, (-1,)), 0)
+    code = ops.add(ops.cast(was, "int32"), delta)
+    grown = ops.equal(code, 2)
+    restarted = grown if reinit_regrown else ops.logical_and(grown, ops.logical_not(was))
+    changed = ops.logical_or(restarted, ops.logical_and(was, ops.equal(code, 0)))
+    new_mask = ops.cast(ops.greater(code, 0), mask.dtype)
+    flat_weight = ops.reshape(weight, (-1,))
+    new_weight = ops.multiply(ops.where(restarted, ops.zeros_like(flat_weight), flat_weight),
+                              ops.cast(new_mask, weight.dtype))
+    new_slots = []
+    for slot, reset in zip(slots, resets):
+        flat_slot = ops.reshape(slot, (-1,))
+        fresh = ops.cast(new_weight, slot.dtype) if reset == optimizer_state.FOLLOW_WEIGHT else ops.full_like(flat_slot, reset)
+        new_slots.append(ops.reshape(ops.where(changed, fresh, flat_slot), shape))
+    return ops.reshape(new_mask, shape), ops.reshape(new_weight, shape), tuple(new_slots)
 
 
 def _hashes_at(indices, key):
@@ -198,14 +253,16 @@ def _top_k_of(keys, indices, k):
 
 
 def _bracket(sample, k, stride, margin=None):
-    """Scores ``(ceiling, floor)`` around the k-th largest of a set, from its strided ``sample``.
+    """Keys ``(ceiling, floor)`` around the k-th largest of a set, from its strided ``sample`` (int64 keys).
 
     The k-th largest of the whole set lies near rank ``r = k // stride`` of
     the sample, give or take ``sqrt(r)`` ranks (one standard deviation of a
-    sample quantile); the ceiling and floor are the sample's values
-    ``margin`` ranks before and after it (default ``4 * sqrt(r) + 16``; +inf /
-    -inf past the sample's ends). The caller checks that they really
-    enclose the k-th, so the result never depends on the sample.
+    sample quantile); the ceiling and floor are the sample's keys ``margin``
+    ranks before and after it (default ``4 * sqrt(r) + 16``; the largest int64
+    before the sample's start, ``EXCLUDED`` past its end). Keys are distinct,
+    so ties in the scores (all-zero gradients) do not widen the bracket. The
+    caller checks that it really encloses the k-th, so the result never
+    depends on the sample.
     """
     import tensorflow as tf
 
@@ -216,50 +273,69 @@ def _bracket(sample, k, stride, margin=None):
         margin = tf.cast(tf.math.ceil(spread), tf.int32) + BRACKET_SLACK
     top = tf.math.top_k(sample, tf.minimum(rank + margin + 1, n_sample), sorted=True).values
     n_top = tf.shape(top, out_type=tf.int32)[0]
-    top = tf.concat([top, [-np.inf]], 0)  # rank n_top (past the sample) reads -inf; an empty sample works too
+    excluded = tf.constant(updates.EXCLUDED, tf.int64)
+    top = tf.concat([top, [excluded]], 0)  # rank n_top (past the sample) reads EXCLUDED; an empty sample works too
     at = lambda r: top[tf.clip_by_value(r, 0, n_top)]  # noqa: E731
-    ceiling = tf.where(rank - margin >= 0, at(rank - margin), np.inf)
+    ceiling = tf.where(rank - margin >= 0, at(rank - margin), tf.constant(np.iinfo(np.int64).max, tf.int64))
     floor = at(rank + margin)
     return ceiling, floor
 
 
-def _top_k_bracketed(scores, eligible, extra, k, key_fn, stride, margin=None):
-    """Flat indices of the k largest keys among the ``eligible`` entries and the ``extra`` indices.
+def _bracket_masks_eager(keys, ceiling, floor):
+    eligible = ops.not_equal(keys, updates.EXCLUDED)
+    above = ops.greater(keys, ceiling)
+    middle = ops.logical_and(eligible, ops.logical_and(ops.greater_equal(keys, floor), ops.less_equal(keys, ceiling)))
+    return above, middle, ops.sum(ops.cast(above, "int32")), ops.sum(ops.cast(middle, "int32"))
 
-    ``scores`` (flat float32, as ``order_keys`` sees them) order the keys:
-    ``key_fn(indices)`` gives the exact int64 keys, and a strictly larger
-    score always means a larger key. Instead of a top-k of size k over every
-    candidate (its cost grows with k), a sample brackets the k-th score
-    (:func:`_bracket`): the candidates above the ceiling are all chosen, and
-    a top-k ranks only those between floor and ceiling (some
-    ``2 * margin * stride`` entries: ~18k for k = 70k at stride 61). Where
-    the bracket misses (fewer than k reach the floor, or more than k pass the
-    ceiling) every candidate is ranked, so the result is exactly the top k
-    either way.
+
+def _top_k_bracketed(keys, k, stride, margin=None, extra_keys=None, extra=None):
+    """Indices of the k largest of ``keys`` (flat int64, ``EXCLUDED`` = not a candidate) and ``extra_keys``.
+
+    Returns positions in ``keys``, or for the extra candidates their ``extra``
+    index. Instead of a top-k of size k over every candidate (its cost grows
+    with k: at a drop fraction of 0.3, k is 30% of the active entries), a
+    strided sample brackets the k-th key (:func:`_bracket`): the candidates
+    above the ceiling are all chosen, and a top-k ranks only those between
+    floor and ceiling (some ``2 * margin * stride`` entries: ~18k for k = 70k at
+    stride 61). Where the bracket misses (fewer than k reach the floor, or
+    more than k pass the ceiling) every candidate is ranked, so the result is
+    exactly the top k either way.
     """
     import tensorflow as tf
 
-    extra_scores = tf.gather(scores, extra)
-    ceiling, floor = _bracket(tf.where(eligible[::stride], scores[::stride], -np.inf), k, stride, margin)
-    above = tf.logical_and(eligible, scores > ceiling)
-    middle = tf.logical_and(eligible, tf.logical_and(scores >= floor, scores <= ceiling))
-    extra_above = extra_scores > ceiling
-    extra_middle = tf.logical_and(extra_scores >= floor, extra_scores <= ceiling)
+    if extra_keys is None:
+        extra_keys, extra = tf.zeros((0,), tf.int64), tf.zeros((0,), tf.int64)
+    # the sample covers the extra candidates too: the just-dropped entries, whose gradients are often the largest
+    ceiling, floor = _bracket(tf.concat([keys[::stride], extra_keys[::stride]], 0), k, stride, margin)
+    above, middle, n_above, n_middle = _fused(_bracket_masks_eager)(keys, ceiling, floor)
+    extra_above = extra_keys > ceiling
+    extra_middle = tf.logical_and(extra_keys >= floor, extra_keys <= ceiling)
     count = lambda b: tf.reduce_sum(tf.cast(b, "int32"))  # noqa: E731
-    n_above = count(above) + count(extra_above)
-    n_middle = count(middle) + count(extra_middle)
+    n_above = n_above + count(extra_above)
+    n_middle = n_middle + count(extra_middle)
+
+    def rank(at, at_extra, m):  # the m largest of keys[at] and extra_keys[at_extra]
+        candidates = tf.concat([tf.gather(keys, at), tf.gather(extra_keys, at_extra)], 0)
+        return _top_k_of(candidates, tf.concat([at, tf.gather(extra, at_extra)], 0), m)
+
+    def where(b):
+        return tf.reshape(tf.where(b), (-1,))
 
     def bracketed():
-        candidates = tf.concat([tf.reshape(tf.where(middle), (-1,)), tf.boolean_mask(extra, extra_middle)], 0)
-        chosen = _top_k_of(key_fn(candidates), candidates, k - n_above)
-        return tf.concat([tf.reshape(tf.where(above), (-1,)), tf.boolean_mask(extra, extra_above), chosen], 0)
+        chosen = rank(where(middle), where(extra_middle), k - n_above)
+        return tf.concat([where(above), tf.boolean_mask(extra, extra_above), chosen], 0)
 
     def every_candidate():
-        candidates = tf.concat([tf.reshape(tf.where(eligible), (-1,)), extra], 0)
-        return _top_k_of(key_fn(candidates), candidates, k)
+        return rank(where(tf.not_equal(keys, updates.EXCLUDED)), tf.range(tf.size(extra, tf.int64)), k)
 
     hit = tf.logical_and(n_above <= k, n_above + n_middle >= k)
     return tf.cond(hit, bracketed, every_candidate)
+
+
+def _grow_keys_eager(active, grow, key):
+    """The grow keys of every inactive entry (``EXCLUDED`` at active ones): one fused pass."""
+    keys = order_keys(grow, hash32(ops.bitwise_xor(ops.arange(grow.shape[0], dtype="int64"), key)))
+    return ops.where(active, updates.EXCLUDED, keys)
 
 
 def select_indices(weight, mask, grow_scores, k, seed, reinit_regrown, sample_above=SAMPLE_ABOVE,
@@ -268,10 +344,9 @@ def select_indices(weight, mask, grow_scores, k, seed, reinit_regrown, sample_ab
 
     Drop: the k active entries with the smallest |w| (keys built for active
     entries only). Grow: the k best by ``grow_scores`` among the inactive and
-    the just-dropped entries. Both select by :func:`_top_k_bracketed` when
-    their candidates number more than ``sample_above``: keys and a top-k only
-    for the entries near the k-th (a top-k of size k over all of them costs
-    ~10x more on a CPU at a drop fraction of 0.3).
+    the just-dropped entries. Both select by :func:`_top_k_bracketed` when the
+    weight has more than ``sample_above`` entries: a top-k only over the
+    entries near the k-th.
 
     Returns:
         ``(dropped, grown_all, was_active, n_active)``: int64 flat indices of
@@ -286,34 +361,20 @@ def select_indices(weight, mask, grow_scores, k, seed, reinit_regrown, sample_ab
     active_at = tf.reshape(tf.where(active), (-1,))
     n_active = tf.shape(active_at, out_type=tf.int32)[0]
     magnitude = tf.abs(tf.gather(tf.reshape(weight, (-1,)), active_at))
-    drop_hash_key = stream_key(seed, updates.STREAM_DROP)
-    if size > sample_above:
-        # among the active entries (positions 0..n_active-1 of active_at): smallest |w| first
-        local = _top_k_bracketed(
-            -_sanitized(magnitude), tf.ones_like(active_at, tf.bool), tf.zeros((0,), tf.int64), k,
-            lambda at: tf.bitwise.invert(order_keys(tf.gather(magnitude, at), _hashes_at(tf.gather(active_at, at), drop_hash_key))),
-            sample_stride, margin)
-        dropped = tf.gather(active_at, local)
-    else:
-        drop_keys = order_keys(magnitude, _hashes_at(active_at, drop_hash_key))
-        dropped = _top_k_of(tf.bitwise.invert(drop_keys), active_at, k)
-
-    inactive = tf.logical_not(active)
+    # smallest |w| first: the inverted key (both halves inverted, as the reference ranks ~key)
+    drop_keys = tf.bitwise.invert(order_keys(magnitude, _hashes_at(active_at, stream_key(seed, updates.STREAM_DROP))))
     grow_hash_key = stream_key(seed, updates.STREAM_GROW)
-    grow_key = lambda at: order_keys(tf.gather(grow, at), _hashes_at(at, grow_hash_key))  # noqa: E731
     if size > sample_above:
-        grown_all = _top_k_bracketed(grow, inactive, dropped, k, grow_key, sample_stride, margin)
+        dropped = tf.gather(active_at, _top_k_bracketed(drop_keys, k, sample_stride, margin))
+        dropped_keys = order_keys(tf.gather(grow, dropped), _hashes_at(dropped, grow_hash_key))
+        grown_all = _top_k_bracketed(_fused(_grow_keys_eager)(active, grow, grow_hash_key), k, sample_stride, margin,
+                                     extra_keys=dropped_keys, extra=dropped)
     else:
-        candidates = tf.concat([tf.reshape(tf.where(inactive), (-1,)), dropped], 0)
-        grown_all = _top_k_of(grow_key(candidates), candidates, k)
+        dropped = _top_k_of(drop_keys, active_at, k)
+        candidates = tf.concat([tf.reshape(tf.where(tf.logical_not(active)), (-1,)), dropped], 0)
+        grown_all = _top_k_of(order_keys(tf.gather(grow, candidates), _hashes_at(candidates, grow_hash_key)),
+                              candidates, k)
     return dropped, grown_all, tf.gather(active, grown_all), n_active
-
-
-def _sanitized(scores):
-    """The float32 values :func:`order_keys` orders by (NaN, inf -> 0; -0.0 -> 0)."""
-    import tensorflow as tf
-
-    return tf.where(tf.logical_and(tf.math.is_finite(scores), tf.not_equal(scores, 0.0)), scores, 0.0)
 
 
 # ------------------------------------------------------------ the whole model
@@ -438,9 +499,9 @@ class CompiledUpdate:
                 else:
                     ever = self.ever_active[i]
                     with tf.control_dependencies(previous):
-                        now = ops.logical_or(ops.convert_to_tensor(ever), ops.not_equal(ops.convert_to_tensor(mw.mask), 0))
+                        now, n_ever = _fused(_ever_active_eager)(ever, mw.mask)
                         previous = previous + [ever.assign(now)]
-                        counts_i += (ops.sum(ops.cast(now, "int32")),)
+                        counts_i += (n_ever,)
             counts.append(counts_i)
         with tf.control_dependencies(previous):
             return ops.stack([ops.stack(c) for c in counts])
@@ -450,7 +511,7 @@ class CompiledUpdate:
         size = int(np.prod(shape))
         mask = ops.convert_to_tensor(mw.mask)
         weight = ops.convert_to_tensor(mw.weight)
-        n_active = ops.sum(ops.cast(ops.not_equal(mask, 0), "int32"))
+        n_active = _fused(_count_active_eager)(mask) if self.by_index else _count_active_eager(mask)
         # floor(f * n) in float64, as the reference computes it in Python.
         k = ops.cast(ops.floor(ops.multiply(fraction, ops.cast(n_active, "float64"))), "int32")
         movable = ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size))
@@ -480,31 +541,21 @@ class CompiledUpdate:
         return [w.op if hasattr(w, "op") else w for w in writes]
 
     def _update_one_by_index(self, mw, mask, weight, n_active, k, seed):
-        """:meth:`_update_one` through :func:`select_indices`: scatters of the 2k changed entries."""
+        """:meth:`_update_one` through :func:`select_indices`: the 2k changed entries, written in one fused pass."""
         import tensorflow as tf
 
         shape = tuple(mw.mask.shape)
         dropped, grown_all, was_active, _ = select_indices(weight, mask, self._grow_scores(mw, seed), k, seed,
                                                            self.reinit_regrown)
-        column = lambda indices: tf.expand_dims(indices, -1)  # noqa: E731  scatter indices
-        flat_mask = tf.reshape(mask, (-1,))
-        new_mask = tf.tensor_scatter_nd_update(flat_mask, column(dropped), tf.zeros_like(dropped, flat_mask.dtype))
-        new_mask = tf.tensor_scatter_nd_update(new_mask, column(grown_all), tf.ones_like(grown_all, flat_mask.dtype))
-        removed = tf.boolean_mask(dropped, tf.equal(tf.gather(new_mask, dropped), 0))
-        # a dropped entry grown back keeps its weight unless reinit_regrown (the reference's `was`)
-        restarted = grown_all if self.reinit_regrown else tf.boolean_mask(grown_all, tf.logical_not(was_active))
-        flat_weight = tf.reshape(weight, (-1,))
-        new_weight = tf.tensor_scatter_nd_update(flat_weight, column(restarted), tf.zeros_like(restarted, weight.dtype))
-        new_weight = tf.reshape(new_weight * tf.cast(new_mask, weight.dtype), shape)
-        writes = [mw.mask.assign(tf.reshape(new_mask, shape)), mw.weight.assign(new_weight)]
-        changed = tf.concat([removed, restarted], 0)
-        for slot, reset_value in self._slots(mw):
-            if reset_value == optimizer_state.FOLLOW_WEIGHT:  # the use_ema average starts at the new weight
-                fresh = tf.cast(tf.gather(tf.reshape(new_weight, (-1,)), changed), slot.dtype)
-            else:
-                fresh = tf.fill(tf.shape(changed), tf.constant(reset_value, slot.dtype))
-            flat_slot = tf.reshape(tf.convert_to_tensor(slot), (-1,))
-            writes.append(slot.assign(tf.reshape(tf.tensor_scatter_nd_update(flat_slot, column(changed), fresh), shape)))
+        indices = tf.expand_dims(tf.concat([dropped, grown_all], 0), -1)
+        marks = tf.concat([tf.fill(tf.shape(dropped), -1), tf.fill(tf.shape(grown_all), 2)], 0)
+        delta = tf.scatter_nd(indices, marks, (int(np.prod(shape)),))  # duplicates add up: dropped and grown back
+        slots = self._slots(mw)
+        new_mask, new_weight, new_slots = _fused(_write_by_index_eager)(
+            mask, delta, weight, [tf.convert_to_tensor(slot) for slot, _ in slots],
+            resets=tuple(reset for _, reset in slots), reinit_regrown=self.reinit_regrown)
+        writes = [mw.mask.assign(new_mask), mw.weight.assign(new_weight)]
+        writes += [slot.assign(value) for (slot, _), value in zip(slots, new_slots)]
         n_moved = k - tf.reduce_sum(tf.cast(was_active, "int32"))
         return (n_active, k, n_moved), [w.op if hasattr(w, "op") else w for w in writes]
 
