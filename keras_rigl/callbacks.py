@@ -203,6 +203,7 @@ class SparseTraining(keras.callbacks.Callback):
         self._sparsity = None
         self._itop = 0.0
         self._counted = None
+        self._read_step = self._unread = 0  # TensorFlow: the last optimizer step read, batches since
         self._planned = False
 
     # ------------------------------------------------------------ variations
@@ -283,7 +284,7 @@ class SparseTraining(keras.callbacks.Callback):
                     "PyTorch backend."
                 )
         self.build_schedule(total_steps, plan_start)
-        self.step = int(step)
+        self._start_counting(step)
         for layer in layers:
             for mw in layer.masked_weights:
                 self._record_active(mw)
@@ -652,7 +653,7 @@ class SparseTraining(keras.callbacks.Callback):
         self._batch_is_step = not accumulation
         self._planned = False
         self._plain_function = None
-        self.step = self._optimizer_step(model)
+        self._start_counting(self._optimizer_step(model))
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._planned:
@@ -703,6 +704,10 @@ class SparseTraining(keras.callbacks.Callback):
             # Batches: reading optimizer.iterations would sync every variable each batch
             # (see _compat.model_without_state_sync); steps_per_execution is 1 here.
             step = self.step + 1
+        elif keras.backend.backend() == "tensorflow":
+            step = self._step_after_batch()
+            if step is None:
+                step = self.step  # read: every step since the last read was skipped (nothing happened)
         else:
             # Optimizer steps, not batches: a step skipped by a LossScaleOptimizer
             # does not advance the plan (and never updates twice).
@@ -767,6 +772,35 @@ class SparseTraining(keras.callbacks.Callback):
     @staticmethod
     def _optimizer_step(model):
         return int(ops.convert_to_numpy(model.optimizer.iterations))
+
+    def _start_counting(self, step):
+        self.step = self._read_step = int(step)
+        self._unread = 0
+
+    def _step_after_batch(self):
+        """The optimizer step after a batch, reading ``optimizer.iterations`` only where it matters (TensorFlow).
+
+        A read waits for the step to finish, which costs a step's overlap of
+        host and device every batch. A batch advances the step by at most one
+        (a LossScaleOptimizer skips some), so ``last read + batches since`` is
+        an upper bound: while no update step can lie before the next batch's
+        step, the bound is used (exact unless steps were skipped, and then only
+        the logs' drop_fraction lags); otherwise the step is read, so updates
+        and the capture switch of the step before them happen at exact
+        optimizer steps. Returns None where a read shows no step was taken.
+        """
+        self._unread += 1
+        upper = self._read_step + self._unread
+        following = self.schedule.next_update_after(self._read_step) if self.schedule is not None else None
+        if following is None or following > upper + 1:
+            return upper
+        actual = self._optimizer_step(self.model)
+        progressed = actual > self._read_step
+        self._read_step, self._unread = actual, 0
+        if not progressed:
+            self.step = actual
+            return None
+        return actual
 
     # -------------------------------------------------------- serialization
     def get_config(self):

@@ -119,6 +119,14 @@ class UpdateSchedule:
             )
         return drop_fraction_at(step - self.plan_start, self.drop_fraction, self.end_step - self.plan_start, self.decay)
 
+    def next_update_after(self, step):
+        """The first update step after ``step``, or None when the plan has no more."""
+        base = self.plan_start + self.begin_step
+        after = max(int(step), self.plan_start)
+        j = max(0, -(-(after + 1 - base) // self.update_freq))
+        candidate = base + j * self.update_freq
+        return candidate if candidate <= self.end_step else None
+
     def progress(self, step):
         """How far ``step`` is through the plan: 0 at ``plan_start``, 1 at ``end_step`` (clipped)."""
         return min(1.0, max(0.0, (step - self.plan_start) / (self.end_step - self.plan_start)))

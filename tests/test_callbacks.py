@@ -813,3 +813,32 @@ def test_steps_are_optimizer_steps_not_batches():
 def test_attach_arguments_are_checked(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name} must be an integer"):
         keras_rigl.RigL(update_freq=2).attach(_model(), **{"total_steps": 100, **kwargs})
+
+
+def test_steps_skipped_by_the_loss_scale_do_not_move_the_updates():
+    """Updates happen at optimizer steps, not batches, even while the step is not read every batch."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _model()
+        # 2**40 overflows the float16 gradients: the first steps are skipped while the scale halves
+        opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**40)
+        model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        rigl = keras_rigl.RigL(update_freq=5, end_step=40, seed=0)
+
+        class AtUpdates(keras.callbacks.Callback):
+            seen = []
+
+            def on_train_batch_end(self, batch, logs=None):
+                done = 0 if rigl.updates is None or len(rigl.updates) == 0 else rigl.updates["step"].nunique()
+                self.seen.append((int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)), done))
+
+        x, y = _data(16 * 40)
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[rigl, AtUpdates()], verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    iterations = [it for it, _ in AtUpdates.seen]
+    assert iterations[-1] < len(iterations) - 5, "no step was skipped: the test needs a larger initial_scale"
+    # after every batch: as many updates as update steps reached by the optimizer, at exactly those steps
+    for it, done in AtUpdates.seen:
+        assert done == len([s for s in range(5, 41, 5) if s <= it]), (it, done)
+    assert sorted(rigl.updates["step"].unique()) == [s for s in range(5, 41, 5) if s <= iterations[-1]]

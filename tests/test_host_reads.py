@@ -53,7 +53,7 @@ WORKER = textwrap.dedent(
             return original(self)
 
         tf_ops._EagerTensorBase._numpy = counted
-        step_reads = 1  # optimizer.iterations, one number a step
+        step_reads = 1  # optimizer.iterations, one number, in the step before an update step only
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 1))
@@ -87,8 +87,10 @@ WORKER = textwrap.dedent(
     problems = []
     for (hook, step), sizes in sorted(reads.items(), key=lambda kv: str(kv[0])):
         updating = hook == "on_train_batch_end" and step is not None and step + 1 in update_steps
+        before_update = hook == "on_train_batch_end" and step is not None and step + 2 in update_steps
         if hook in ("on_train_batch_begin", "on_train_batch_end") and not updating:
-            limit_each, limit_total = step_reads, step_reads  # an ordinary step reads nothing (but the step)
+            # an ordinary step reads nothing (on TensorFlow: the step counter, before an update step only)
+            limit_each = limit_total = step_reads if before_update else 0
         else:
             limit_each, limit_total = scalars, 2 * scalars
         if max(sizes) > limit_each or sum(sizes) > limit_total:

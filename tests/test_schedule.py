@@ -90,3 +90,15 @@ def test_numpy_integers_are_accepted():
                                 begin_step=np.int32(0))
     assert s.update_steps(100) == [10, 20, 30]
     assert schedule.validate(np.int64(10), 0.3, "cosine", np.int64(0))[0] == 10
+
+
+def test_next_update_after_is_the_first_update_step_that_follows():
+    import itertools
+
+    from keras_rigl.schedule import UpdateSchedule
+
+    for freq, begin, length, start in itertools.product([1, 3, 5], [0, 2, 7], [10, 23, 40], [0, 4]):
+        plan = UpdateSchedule(freq, 0.3, start + length, begin, "cosine", start)
+        for step in range(start + length + 5):
+            by_hand = next((s for s in range(step + 1, start + length + 1) if plan.is_update_step(s)), None)
+            assert plan.next_update_after(step) == by_hand, (freq, begin, length, start, step)
