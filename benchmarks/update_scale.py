@@ -17,12 +17,18 @@ step of the same rounds). Every function is traced in a warm-up first.
 
 Peak memory (--memory, default on) is measured in a fresh process per
 variant (dense fit; RigL fit with the NumPy update; with the compiled
-update), each running --steps steps with updates: on a GPU the allocator's
-peak (tf.config.experimental.get_memory_info), on CPU the process's peak
-resident set (ru_maxrss, includes the Python/TensorFlow baseline).
+update), each running --steps // 4 steps with an update every --steps // 8:
+on a GPU the allocator's peak (tf.config.experimental.get_memory_info), on
+CPU the process's peak resident set (VmHWM of the child itself: ru_maxrss would
+carry this benchmark's own peak over into the child; includes the
+Python/TensorFlow baseline).
 
-Run on a quiet machine (takes ~2 min for cnn, ~15 min with all three models at the defaults on 2 CPU cores):
-    python benchmarks/update_scale.py --rounds 7 --steps 200 --models cnn,mobilenetv2,resnet50
+Run on a quiet machine (~2.5 min for cnn; ResNet50 with 100-step fits ~17 min,
+MobileNetV2 ~30 min on 2 CPU cores):
+    python benchmarks/update_scale.py --rounds 7 --steps 200 --models cnn
+    python benchmarks/update_scale.py --rounds 7 --steps 100 --update-freq 100 --models resnet50,mobilenetv2
+Peak memory only (a few minutes):
+    python benchmarks/update_scale.py --no-timing --steps 100 --models cnn,mobilenetv2,resnet50
 Check that it runs (seconds):
     python benchmarks/update_scale.py --rounds 1 --steps 2 --models cnn --update-freq 1 --no-memory
 """
@@ -177,10 +183,29 @@ def report_times(times, steps, label):
 
 
 # ------------------------------------------------------------------ memory
-def memory_child(name, variant, steps, sparsity, update_freq):
-    """Runs in a fresh process: one fit of ``steps`` steps, prints the peak memory as JSON."""
+def peak_rss_bytes():
+    """This process's peak resident set, in bytes.
+
+    Linux's ``ru_maxrss`` survives fork + exec: a child started by this
+    benchmark (which holds gigabytes after its timed fits) would report the
+    parent's peak whatever it did. ``VmHWM`` is the high-water mark of the
+    process's own address space, which exec replaces.
+    """
     import resource
 
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def memory_child(name, variant, steps, sparsity, update_freq):
+    """Runs in a fresh process: one fit of ``steps`` steps, prints the peak memory as JSON."""
     import tensorflow as tf
 
     x, y, batch = data(name, steps)
@@ -198,7 +223,7 @@ def memory_child(name, variant, steps, sparsity, update_freq):
     if gpu:
         peak, kind = tf.config.experimental.get_memory_info("GPU:0")["peak"], "GPU allocator peak"
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+        peak, kind = peak_rss_bytes(), "process peak RSS (VmHWM)"
     weights = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.trainable_weights)
     print("MEMORY " + json.dumps({"peak": int(peak), "kind": kind, "weights_bytes": weights}))
 
@@ -241,12 +266,16 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure peak memory, one fresh process per variant")
+    p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="the timed rounds (--no-timing: peak memory only)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    if not (args.timing or args.memory):
+        p.error("--no-timing --no-memory measures nothing")
     if args.rounds < 1 or args.steps < 1 or args.update_freq < 1:
         p.error("--rounds, --steps and --update-freq must be >= 1")
     if not 0.0 < args.sparsity < 1.0:
@@ -256,7 +285,7 @@ def main(argv=None):
     print(f"devices: {[d.name for d in tf.config.list_logical_devices()]}; keras {keras.__version__}, tf {tf.__version__}")
     results = []
     for name in names:
-        result = time_model(name, args)
+        result = time_model(name, args) if args.timing else {"model": name}
         keras.backend.clear_session()
         if args.memory:
             result["memory"] = memory_model(name, args)
