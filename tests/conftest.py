@@ -103,6 +103,17 @@ def tf_train_step(model, loss_fn, optimizer):
     return train_step
 
 
+def load_script(relative_path):
+    """A script of this repository (``benchmarks/x.py``, ``scripts/x.py``) imported from its file, anew."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relative_path)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def built_subclassed_model():
     """A built subclassed (not functional) model with one Dense(2) on 3 inputs: what sparsify/condense refuse."""
 

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "train_multiworker.py")
@@ -190,12 +191,7 @@ def test_two_jax_processes_under_data_parallel_end_with_identical_masks_and_weig
 
 # ---------------------------------------------------- argument checks (no TensorFlow run)
 def _script_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_multiworker", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/train_multiworker.py")
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,4 @@
 """Fast check of benchmarks/sparse_speed.py at one tiny size (host engines only)."""
-import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -7,16 +6,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import ai_edge_litert  # noqa: E402,F401  (a test requirement: the host engines run on LiteRT)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from conftest import load_script  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "sparse_speed.py")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("sparse_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/sparse_speed.py")
 
 
 def test_sweep_tiny(tmp_path):

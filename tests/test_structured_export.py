@@ -1,6 +1,5 @@
 """Block-sparse TFLite export: 1x4 (float) and 1x16 (int8) Dense masks reach TFLite's sparse FC kernels."""
 
-import importlib.util
 import math
 import os
 import warnings
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 import keras_rigl
+from conftest import load_script
 from keras_rigl.tflite import export_tflite, read_tflite_model, tflite_predict
 from keras_rigl.tflite.flatbuffer import op_name, sparsity_info, tflite_tensor_values
 from keras_rigl.tflite.structured import (
@@ -225,11 +225,7 @@ def test_dynamic_1x16_file_runs_without_xnnpack_and_matches_keras(tmp_path):
 
 # -------------------------------------------------------------- benchmark ---
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("structured_speed",
-                                                  os.path.join(ROOT, "benchmarks", "structured_speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/structured_speed.py")
 
 
 def test_benchmark_masks_have_their_structure():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_rigl
+from conftest import load_script
 from keras_rigl._compat import inbound_nodes
 from keras_rigl.tflite import (
     export_saved_model,
@@ -372,14 +373,6 @@ def test_xnnpack_target_without_litert_names_the_install(tmp_path, monkeypatch):
     assert not path.exists()
 
 
-def _load_script(name, rel):
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, rel))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -405,7 +398,7 @@ def digits_model_file(tmp_path_factory):
 
 
 def test_export_script_int8_reports_accuracy_change(digits_model_file, tmp_path, capsys):
-    script = _load_script("export_script", "scripts/export.py")
+    script = load_script("scripts/export.py")
     out = str(tmp_path / "d8.tflite")
     res = script.main([digits_model_file, "--quantize", "int8", "--representative-data", "digits",
                        "--out", out, "--samples", "64"])
@@ -423,7 +416,7 @@ def test_export_script_int8_reports_accuracy_change(digits_model_file, tmp_path,
 
 
 def test_export_script_bad_args(digits_model_file, tmp_path, capsys):
-    script = _load_script("export_script", "scripts/export.py")
+    script = load_script("scripts/export.py")
     with pytest.raises(SystemExit) as e:
         script.main([digits_model_file, "--quantize", "int8", "--out", str(tmp_path / "a.tflite")])
     assert e.value.code == 2 and "needs --representative-data" in capsys.readouterr().err

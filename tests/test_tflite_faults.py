@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import keras_rigl
+from conftest import load_script
 
 # the checkout whose keras_rigl is imported (scripts/ and subprocesses use the same one)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(keras_rigl.__file__)))
@@ -163,12 +164,7 @@ def test_temp_of_a_live_writer_is_left_alone(tmp_path):
 # --- scripts/export.py --representative-data validation -----------------------------------
 
 def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_script", os.path.join(ROOT, "scripts", "export.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/export.py")
 
 
 def _npz_with_header(path, member, header_shape):

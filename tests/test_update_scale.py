@@ -1,24 +1,20 @@
 """benchmarks/update_scale.py: the peak memory a fresh process reports is its own."""
-import importlib.util
 import os
 import subprocess
 import sys
+
+from conftest import load_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "update_scale.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("update_scale", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_a_child_process_does_not_report_its_parents_peak():
     # Linux carries ru_maxrss across fork + exec: a child started by a parent holding 1 GiB reported
     # >= 1 GiB whatever it did, so every variant showed the benchmark process's own peak.
-    us = _load()
+    us = load_script("benchmarks/update_scale.py")
     held = bytearray(1024 * 2**20)
     held[:: 4096] = b"\1" * len(held[:: 4096])  # resident, not just reserved
     code = f"import importlib.util as u; s = u.spec_from_file_location('m', {SCRIPT!r}); m = u.module_from_spec(s); " \
