@@ -204,6 +204,7 @@ class SparseTraining(keras.callbacks.Callback):
         self._itop = 0.0
         self._counted = None
         self._read_step = self._unread = 0  # TensorFlow: the last optimizer step read, batches since
+        self._steps_per_batch = 1
         self._planned = False
 
     # ------------------------------------------------------------ variations
@@ -651,6 +652,7 @@ class SparseTraining(keras.callbacks.Callback):
             )
         # JAX counts batches instead of reading optimizer.iterations: only right when a batch is a step.
         self._batch_is_step = not accumulation
+        self._steps_per_batch = steps_per_execution  # > 1 only for callbacks that never change masks (Static)
         self._planned = False
         self._plain_function = None
         self._start_counting(self._optimizer_step(model))
@@ -787,12 +789,14 @@ class SparseTraining(keras.callbacks.Callback):
         step, the bound is used (exact unless steps were skipped, and then only
         the logs' drop_fraction lags); otherwise the step is read, so updates
         and the capture switch of the step before them happen at exact
-        optimizer steps. Returns None where a read shows no step was taken.
+        optimizer steps. With ``steps_per_execution > 1`` (allowed for Static
+        only) a batch is several steps, and every batch reads. Returns None
+        where a read shows no step was taken.
         """
         self._unread += 1
         upper = self._read_step + self._unread
         following = self.schedule.next_update_after(self._read_step) if self.schedule is not None else None
-        if following is None or following > upper + 1:
+        if self._steps_per_batch == 1 and (following is None or following > upper + 1):
             return upper
         actual = self._optimizer_step(self.model)
         progressed = actual > self._read_step

@@ -647,10 +647,13 @@ def test_static_accepts_steps_per_execution():
     model = _model()
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=2)
     start = _masks(model)
-    x, y = _data(32)
-    model.fit(x, y, batch_size=16, epochs=1, callbacks=[keras_rigl.Static()], verbose=0)
+    x, y = _data(64)
+    static = keras_rigl.Static()
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[static], verbose=0)
     for k, v in _masks(model).items():
         np.testing.assert_array_equal(start[k], v)
+    # two optimizer steps per batch hook: the callback's step is the optimizer's, not the count of hooks
+    assert static.step == int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4
 
 
 @pytest.mark.parametrize(
