@@ -27,8 +27,9 @@ Run on a quiet machine (~2.5 min for cnn; ResNet50 with 100-step fits ~17 min,
 MobileNetV2 ~30 min on 2 CPU cores):
     python benchmarks/update_scale.py --rounds 7 --steps 200 --models cnn
     python benchmarks/update_scale.py --rounds 7 --steps 100 --update-freq 100 --models resnet50,mobilenetv2
-Peak memory only (a few minutes):
+Peak memory only (a few minutes), and where an update's memory goes (RSS after a fit, then after each of 3 updates):
     python benchmarks/update_scale.py --no-timing --steps 100 --models cnn,mobilenetv2,resnet50
+    python benchmarks/update_scale.py --no-timing --no-memory --memory-phases --models mobilenetv2,resnet50
 Check that it runs (seconds):
     python benchmarks/update_scale.py --rounds 1 --steps 2 --models cnn --update-freq 1 --no-memory
 """
@@ -204,6 +205,58 @@ def peak_rss_bytes():
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
+def resident_bytes():
+    """This process's resident set now (VmRSS), in bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+PHASE_UPDATES = 3
+
+
+def memory_phases_child(name, path, sparsity):
+    """Runs in a fresh process: RSS after a fit without updates, then after each of PHASE_UPDATES updates.
+
+    SET updates (random grow scores), so that ``update_masks`` can be called
+    outside a training step; ``path`` is "compiled" or "numpy". Prints JSON.
+    """
+    x, y, batch = data(name, 8)
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(build(name), sparsity, seed=0)
+    compile_model(model)
+    algo = keras_rigl.SET(update_freq=10**6, end_step=10**9, seed=0, compiled=path == "compiled")
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False, callbacks=[algo])
+    rows = [{"after": "fit", "rss": resident_bytes(), "peak": peak_rss_bytes()}]
+    for i in range(PHASE_UPDATES):
+        algo.update_masks(model, step=10**5 + i)
+        rows.append({"after": f"update {i + 1}", "rss": resident_bytes(), "peak": peak_rss_bytes()})
+    print("PHASES " + json.dumps(rows))
+
+
+def memory_phases(name, args):
+    """Where an update's memory goes: RSS around the first and later updates, NumPy vs compiled (fresh processes)."""
+    result = {}
+    for path in ("numpy", "compiled"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-phases-child", name, path, str(args.sparsity)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("PHASES ")]
+        if proc.returncode or not line:
+            print(f"  memory phases {path}: failed\n{proc.stderr[-2000:]}")
+            continue
+        result[path] = json.loads(line[0][len("PHASES "):])
+    print(f"  {name}: resident set around SET updates (VmRSS / VmHWM, MiB; a fit of 8 steps first, no update in it):")
+    for path, rows in result.items():
+        cells = ", ".join(f"{r['after']} {r['rss'] / 2**20:,.0f} / {r['peak'] / 2**20:,.0f}" for r in rows)
+        print(f"    {path:9s} {cells}")
+    return result
+
+
 def memory_child(name, variant, steps, sparsity, update_freq):
     """Runs in a fresh process: one fit of ``steps`` steps, prints the peak memory as JSON."""
     import tensorflow as tf
@@ -258,6 +311,8 @@ def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
         name, variant, steps, sparsity, freq = sys.argv[2:7]
         return memory_child(name, variant, int(steps), float(sparsity), int(freq))
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--memory-phases-child":
+        return memory_phases_child(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="cnn,mobilenetv2,resnet50", help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (>= 7 for figures you report)")
@@ -266,6 +321,8 @@ def main(argv=None):
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure peak memory, one fresh process per variant")
+    p.add_argument("--memory-phases", action="store_true",
+                   help="also the resident set after a fit and after each of 3 updates (NumPy vs compiled)")
     p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                    help="the timed rounds (--no-timing: peak memory only)")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -274,8 +331,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    if not (args.timing or args.memory):
-        p.error("--no-timing --no-memory measures nothing")
+    if not (args.timing or args.memory or args.memory_phases):
+        p.error("--no-timing --no-memory measures nothing (add --memory-phases, or drop one of them)")
     if args.rounds < 1 or args.steps < 1 or args.update_freq < 1:
         p.error("--rounds, --steps and --update-freq must be >= 1")
     if not 0.0 < args.sparsity < 1.0:
@@ -289,6 +346,8 @@ def main(argv=None):
         keras.backend.clear_session()
         if args.memory:
             result["memory"] = memory_model(name, args)
+        if args.memory_phases:
+            result["memory_phases"] = memory_phases(name, args)
         results.append(result)
     if args.json:
         tmp = args.json + ".tmp"

@@ -25,3 +25,13 @@ def test_a_child_process_does_not_report_its_parents_peak():
     # the child imported keras/TensorFlow (the benchmark's imports): hundreds of MiB, not the parent's GiB
     assert 50 * 2**20 < child_peak < 1024 * 2**20, child_peak
     del held
+
+
+def test_memory_phases_report_the_resident_set_after_the_fit_and_each_update():
+    us = load_script("benchmarks/update_scale.py")
+    [result] = us.main(["--models", "cnn", "--no-timing", "--no-memory", "--memory-phases"])
+    for path in ("numpy", "compiled"):
+        rows = result["memory_phases"][path]
+        assert [r["after"] for r in rows] == ["fit"] + [f"update {i + 1}" for i in range(us.PHASE_UPDATES)]
+        # a TensorFlow process holds hundreds of MiB; its peak is never below what it holds now
+        assert all(200 * 2**20 < r["rss"] <= r["peak"] for r in rows), rows
