@@ -180,10 +180,21 @@ def report_times(times, steps, label):
     ratio = result["update numpy"]["median_s"] / result["update compiled"]["median_s"]
     print(f"  compiled update is {ratio:.1f}x the speed of the NumPy one (medians); dense step {step_med * 1e3:.2f} ms")
     return result
-    return result
 
 
 # ------------------------------------------------------------------ memory
+def _proc_status_bytes(field):
+    """A ``kB`` field of /proc/self/status (``VmHWM``, ``VmRSS``) in bytes; None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes():
     """This process's peak resident set, in bytes.
 
@@ -194,27 +205,16 @@ def peak_rss_bytes():
     """
     import resource
 
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def resident_bytes():
     """This process's resident set now (VmRSS), in bytes; 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 PHASE_UPDATES = 3
@@ -239,17 +239,23 @@ def memory_phases_child(name, path, sparsity):
     print("PHASES " + json.dumps(rows))
 
 
+def _run_child(tag, what, *argv):
+    """Run this file with ``argv`` in a fresh process; the JSON it prints after ``tag``, or None (said why)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, argv)], capture_output=True, text=True)
+    line = [l for l in proc.stdout.splitlines() if l.startswith(tag + " ")]
+    if proc.returncode or not line:
+        print(f"  {what}: failed\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(line[0][len(tag) + 1:])
+
+
 def memory_phases(name, args):
     """Where an update's memory goes: RSS around the first and later updates, NumPy vs compiled (fresh processes)."""
     result = {}
     for path in ("numpy", "compiled"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-phases-child", name, path, str(args.sparsity)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("PHASES ")]
-        if proc.returncode or not line:
-            print(f"  memory phases {path}: failed\n{proc.stderr[-2000:]}")
-            continue
-        result[path] = json.loads(line[0][len("PHASES "):])
+        rows = _run_child("PHASES", f"memory phases {path}", "--memory-phases-child", name, path, args.sparsity)
+        if rows is not None:
+            result[path] = rows
     print(f"  {name}: resident set around SET updates (VmRSS / VmHWM, MiB; a fit of 8 steps first, no update in it):")
     for path, rows in result.items():
         cells = ", ".join(f"{r['after']} {r['rss'] / 2**20:,.0f} / {r['peak'] / 2**20:,.0f}" for r in rows)
@@ -286,14 +292,9 @@ def memory_model(name, args):
     freq = max(1, steps // 2)
     rows = {}
     for variant in ("dense", "rigl numpy", "rigl compiled"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, variant, str(steps),
-               str(args.sparsity), str(freq)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY ")]
-        if proc.returncode or not line:
-            print(f"  memory {variant}: failed\n{proc.stderr[-2000:]}")
-            continue
-        rows[variant] = json.loads(line[0][len("MEMORY "):])
+        row = _run_child("MEMORY", f"memory {variant}", "--memory-child", name, variant, steps, args.sparsity, freq)
+        if row is not None:
+            rows[variant] = row
     if not rows:
         return {}
     kind = next(iter(rows.values()))["kind"]
