@@ -524,10 +524,10 @@ class SparseTraining(keras.callbacks.Callback):
             self._compiled_update.reset_ever_active([self._ever_active_value(mw) for mw in weights])
         counts = self._compiled_update(fraction, [item.seed for item in items])
         # every masked weight is an item here, and an update keeps each one's count: the sparsity log for free
-        self._counted = (int(counts.n_active.sum()), sum(int(np.prod(item.masked_weight.mask.shape)) for item in items))
+        sizes = [int(np.prod(item.masked_weight.mask.shape)) for item in items]
+        self._counted = (int(counts.n_active.sum()), sum(sizes))
         results = []
-        for i, item in enumerate(items):
-            size = int(np.prod(item.masked_weight.mask.shape))
+        for i, size in enumerate(sizes):
             if counts.n_active[i] in (0, size):
                 results.append(None)
                 continue

@@ -201,12 +201,6 @@ def _count_active_eager(mask):
     return ops.sum(ops.cast(ops.not_equal(mask, 0), "int32"))
 
 
-def _bracket_masks_eager(eligible, scores, ceiling, floor):
-    above = ops.logical_and(eligible, scores > ceiling)
-    middle = ops.logical_and(eligible, ops.logical_and(scores >= floor, scores <= ceiling))
-    return above, middle, ops.sum(ops.cast(above, "int32")), ops.sum(ops.cast(middle, "int32"))
-
-
 def _ever_active_eager(ever, mask):
     now = ops.logical_or(ever, ops.not_equal(mask, 0))
     return now, ops.sum(ops.cast(now, "int32"))
@@ -334,7 +328,7 @@ def _top_k_bracketed(keys, k, stride, margin=None, extra_keys=None, extra=None):
 
 def _grow_keys_eager(active, grow, key):
     """The grow keys of every inactive entry (``EXCLUDED`` at active ones): one fused pass."""
-    keys = order_keys(grow, hash32(ops.bitwise_xor(ops.arange(grow.shape[0], dtype="int64"), key)))
+    keys = order_keys(grow, element_hashes(grow.shape[0], key))
     return ops.where(active, updates.EXCLUDED, keys)
 
 
