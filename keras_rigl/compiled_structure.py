@@ -96,8 +96,7 @@ def _select_pool(keep, active, grow, fraction, seed, reinit_regrown, keys_fn, st
     """One pool of blocks (flat): the unstructured selection, left alone when all or none is on."""
     size = int(active.shape[0])
     n_active = ops.sum(ops.cast(active, "int32"))
-    n = ops.cast(ops.floor(ops.multiply(fraction, ops.cast(n_active, "float64"))), "int32")
-    n = ops.where(ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size)), n, 0)
+    n = compiled_update.drop_count(fraction, n_active, size)
     new_active, grown, removed, n_moved = compiled_update.select(
         keep, ops.cast(active, "float32"), grow, n, seed, reinit_regrown, static_k=static_k, keys_fn=keys_fn)
     return new_active, grown, removed, (n_active, n, n_moved)
@@ -134,9 +133,7 @@ def select_blocks(weight, mask, grow_scores, fraction, seed, reinit_regrown, k, 
     n_blocks = size // k
     block_on = ops.any(ops.reshape(ops.not_equal(_to_rows(mask, shape), 0), (-1, k)), axis=-1)
     n_active = ops.sum(ops.cast(block_on, "int32"))
-    n = ops.cast(ops.floor(ops.multiply(fraction, ops.cast(n_active, "float64"))), "int32")
-    movable = ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, n_blocks))
-    n = ops.where(movable, n, 0)
+    n = compiled_update.drop_count(fraction, n_active, n_blocks)
     new_active, grown, removed, n_moved = compiled_update.select(
         block_sums(ops.abs(weight), shape, k), ops.cast(block_on, "float32"), block_sums(grow_scores, shape, k),
         n, seed, reinit_regrown, static_k=static_k, keys_fn=keys_fn,
@@ -152,9 +149,7 @@ def select_n_of_m(weight, mask, grow_scores, fraction, seed, reinit_regrown, n, 
     excluded = ops.convert_to_tensor(updates.EXCLUDED, dtype="int64")
     active = ops.reshape(ops.not_equal(_to_rows(mask, shape), 0), (-1,))
     n_active = ops.sum(ops.cast(active, "int32"))
-    k = ops.cast(ops.floor(ops.multiply(fraction, ops.cast(n_active, "float64"))), "int32")
-    movable = ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size))
-    k = ops.where(movable, k, 0)
+    k = compiled_update.drop_count(fraction, n_active, size)
     drop_keys = compiled_update.order_keys(
         ops.reshape(ops.abs(_to_rows(weight, shape)), (-1,)),
         compiled_update.element_hashes(size, compiled_update.stream_key(seed, updates.STREAM_DROP)),

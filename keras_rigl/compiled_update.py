@@ -2,7 +2,9 @@
 
 :func:`keras_rigl.updates.drop_and_grow` (NumPy) is the reference: it copies
 weight, mask and scores to the host. Here the same selection runs where the
-variables live, inside one ``tf.function`` for all masked weights of a model:
+variables live, inside one ``tf.function`` for all masked weights of a model
+(which calls, per weight, one traced update of a flat weight shared by
+weights of every shape, see ``CompiledUpdate._update_one_by_index``):
 
 * top-k by the drop score (|w|) and by the grow score with ``keras.ops.top_k``
   over the int64 keys of :func:`keras_rigl.updates.order_keys`, built with the
@@ -88,9 +90,13 @@ def order_keys(scores, hashes):
 
 def random_scores(shape, seed):
     """:func:`keras_rigl.updates.random_scores` on the device, from a uint32 seed tensor."""
-    size = int(np.prod(shape))
+    return ops.reshape(_random_scores_flat(int(np.prod(shape)), seed), shape)
+
+
+def _random_scores_flat(size, seed):
+    """:func:`random_scores` of ``size`` (an int or a scalar tensor) entries, flat."""
     draws = ops.right_shift(element_hashes(size, stream_key(seed, updates.STREAM_RANDOM)), 8)
-    return ops.reshape(ops.multiply(ops.cast(draws, "float32"), 2.0**-24), shape)
+    return ops.multiply(ops.cast(draws, "float32"), 2.0**-24)
 
 
 def _largest(keys, k, size, static_k=False):
@@ -207,7 +213,7 @@ def _ever_active_eager(ever, mask):
 
 
 def _write_by_index_eager(mask, delta, weight, slots, resets, reinit_regrown):
-    """The new mask, weight and optimizer slots of one weight from its flat ``delta``.
+    """The new mask, weight and optimizer slots of one weight (all flat) from its flat ``delta``.
 
     ``delta`` is -1 at every dropped entry plus +2 at every grown one (summed:
     an entry dropped and grown back gets +1), so ``code = was_active + delta``
@@ -216,22 +222,18 @@ def _write_by_index_eager(mask, delta, weight, slots, resets, reinit_regrown):
     reset value, or ``optimizer_state.FOLLOW_WEIGHT``. The same values as the
     reference (:func:`keras_rigl.updates.apply_update`, ``reset_slots``).
     """
-    shape = tuple(weight.shape)
-    was = ops.not_equal(ops.reshape(mask, (-1,)), 0)
+    was = ops.not_equal(mask, 0)
     code = ops.add(ops.cast(was, "int32"), delta)
     grown = ops.equal(code, 2)
     restarted = grown if reinit_regrown else ops.logical_and(grown, ops.logical_not(was))
     changed = ops.logical_or(restarted, ops.logical_and(was, ops.equal(code, 0)))
     new_mask = ops.cast(ops.greater(code, 0), mask.dtype)
-    flat_weight = ops.reshape(weight, (-1,))
-    new_weight = ops.multiply(ops.where(restarted, ops.zeros_like(flat_weight), flat_weight),
-                              ops.cast(new_mask, weight.dtype))
+    new_weight = ops.multiply(ops.where(restarted, ops.zeros_like(weight), weight), ops.cast(new_mask, weight.dtype))
     new_slots = []
     for slot, reset in zip(slots, resets):
-        flat_slot = ops.reshape(slot, (-1,))
-        fresh = ops.cast(new_weight, slot.dtype) if reset == optimizer_state.FOLLOW_WEIGHT else ops.full_like(flat_slot, reset)
-        new_slots.append(ops.reshape(ops.where(changed, fresh, flat_slot), shape))
-    return ops.reshape(new_mask, shape), ops.reshape(new_weight, shape), tuple(new_slots)
+        fresh = ops.cast(new_weight, slot.dtype) if reset == optimizer_state.FOLLOW_WEIGHT else ops.full_like(slot, reset)
+        new_slots.append(ops.where(changed, fresh, slot))
+    return new_mask, new_weight, tuple(new_slots)
 
 
 def _hashes_at(indices, key):
@@ -328,19 +330,20 @@ def _top_k_bracketed(keys, k, stride, margin=None, extra_keys=None, extra=None):
 
 def _grow_keys_eager(active, grow, key):
     """The grow keys of every inactive entry (``EXCLUDED`` at active ones): one fused pass."""
-    keys = order_keys(grow, element_hashes(grow.shape[0], key))
+    keys = order_keys(grow, element_hashes(ops.shape(grow)[0], key))
     return ops.where(active, updates.EXCLUDED, keys)
 
 
 def select_indices(weight, mask, grow_scores, k, seed, reinit_regrown, sample_above=SAMPLE_ABOVE,
-                   sample_stride=SAMPLE_STRIDE, margin=None):
+                   sample_stride=SAMPLE_STRIDE, margin=None, bracketed=None):
     """One weight's drop-and-grow as index sets; the same sets as :func:`select` (and the reference).
 
     Drop: the k active entries with the smallest |w| (keys built for active
     entries only). Grow: the k best by ``grow_scores`` among the inactive and
     the just-dropped entries. Both select by :func:`_top_k_bracketed` when the
-    weight has more than ``sample_above`` entries: a top-k only over the
-    entries near the k-th.
+    weight has more than ``sample_above`` entries (or where ``bracketed`` says
+    so: tensors of unknown static size): a top-k only over the entries near
+    the k-th.
 
     Returns:
         ``(dropped, grown_all, was_active, n_active)``: int64 flat indices of
@@ -350,7 +353,8 @@ def select_indices(weight, mask, grow_scores, k, seed, reinit_regrown, sample_ab
     """
     import tensorflow as tf
 
-    size = int(np.prod(mask.shape))
+    if bracketed is None:
+        bracketed = int(np.prod(mask.shape)) > sample_above
     active, grow = _flat_active_and_grow(mask, grow_scores)
     active_at = tf.reshape(tf.where(active), (-1,))
     n_active = tf.shape(active_at, out_type=tf.int32)[0]
@@ -358,7 +362,7 @@ def select_indices(weight, mask, grow_scores, k, seed, reinit_regrown, sample_ab
     # smallest |w| first: the inverted key (both halves inverted, as the reference ranks ~key)
     drop_keys = tf.bitwise.invert(order_keys(magnitude, _hashes_at(active_at, stream_key(seed, updates.STREAM_DROP))))
     grow_hash_key = stream_key(seed, updates.STREAM_GROW)
-    if size > sample_above:
+    if bracketed:
         dropped = tf.gather(active_at, _top_k_bracketed(drop_keys, k, sample_stride, margin))
         dropped_keys = order_keys(tf.gather(grow, dropped), _hashes_at(dropped, grow_hash_key))
         grown_all = _top_k_bracketed(_fused(_grow_keys_eager)(active, grow, grow_hash_key), k, sample_stride, margin,
@@ -369,6 +373,12 @@ def select_indices(weight, mask, grow_scores, k, seed, reinit_regrown, sample_ab
         grown_all = _top_k_of(order_keys(tf.gather(grow, candidates), _hashes_at(candidates, grow_hash_key)),
                               candidates, k)
     return dropped, grown_all, tf.gather(active, grown_all), n_active
+
+
+def drop_count(fraction, n_active, size):
+    """k = floor(fraction * n_active) in float64, as the reference computes it in Python; 0 where nothing can move."""
+    k = ops.cast(ops.floor(ops.multiply(fraction, ops.cast(n_active, "float64"))), "int32")
+    return ops.where(ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size)), k, 0)
 
 
 # ------------------------------------------------------------ the whole model
@@ -456,6 +466,7 @@ class CompiledUpdate:
             fused = tf.function(candidate_keys, jit_compile=True, autograph=False)
             # tf.identity: hand the XLA function tensors (the values read now), never variables.
             self._keys_fn = lambda *args: fused(*[tf.identity(x) for x in args])
+        self._flat_updates = {}
         self._function = tf.function(self._update_all, jit_compile=self.jit_compile, autograph=False)
         self._written = tf.function(
             lambda: ops.stack([mw.capture.written.read_value() for mw in self.masked_weights]), autograph=False
@@ -501,17 +512,13 @@ class CompiledUpdate:
             return ops.stack([ops.stack(c) for c in counts])
 
     def _update_one(self, mw, fraction, seed):
+        if self.by_index:
+            return self._update_one_by_index(mw, fraction, seed)
         shape = tuple(mw.mask.shape)
-        size = int(np.prod(shape))
         mask = ops.convert_to_tensor(mw.mask)
         weight = ops.convert_to_tensor(mw.weight)
-        n_active = _fused(_count_active_eager)(mask) if self.by_index else _count_active_eager(mask)
-        # floor(f * n) in float64, as the reference computes it in Python.
-        k = ops.cast(ops.floor(ops.multiply(fraction, ops.cast(n_active, "float64"))), "int32")
-        movable = ops.logical_and(ops.greater(n_active, 0), ops.less(n_active, size))
-        k = ops.where(movable, k, 0)
-        if self.by_index:
-            return self._update_one_by_index(mw, mask, weight, n_active, k, seed)
+        n_active = _count_active_eager(mask)
+        k = drop_count(fraction, n_active, int(np.prod(shape)))
         new_active, grown, removed, n_moved = select(
             weight, mask, self._grow_scores(mw, seed), k, seed, self.reinit_regrown, static_k=self.jit_compile,
             keys_fn=self._keys_fn,
@@ -534,24 +541,67 @@ class CompiledUpdate:
             writes.append(slot.assign(ops.where(changed, fresh, ops.convert_to_tensor(slot))))
         return [w.op if hasattr(w, "op") else w for w in writes]
 
-    def _update_one_by_index(self, mw, mask, weight, n_active, k, seed):
-        """:meth:`_update_one` through :func:`select_indices`: the 2k changed entries, written in one fused pass."""
+    def _update_one_by_index(self, mw, fraction, seed):
+        """:meth:`_update_one` through :func:`select_indices`, in a function shared by every weight.
+
+        The weight, its mask, scores and slots go in flat, of unknown static
+        size, so that weights of every shape call one traced function (one per
+        dtype, slot list and :func:`select_indices` variant). Traced once per
+        weight instead, the update of ResNet50 (54 masked weights) was a graph
+        of 40,000 operations, most of them the same hashes unrolled 54 times,
+        and building and instantiating it held some 700 MiB (measured with
+        ``benchmarks/update_scale.py --memory-phases``).
+        """
+        shape = tuple(mw.mask.shape)
+        slots = self._slots(mw)
+        flat = lambda x: ops.reshape(ops.convert_to_tensor(x), (-1,))  # noqa: E731
+        inputs = [flat(mw.mask), flat(mw.weight)]
+        if self.grow_by == "gradient":
+            inputs.append(flat(mw.capture.value()))
+        inputs += [flat(slot) for slot, _ in slots]
+        update = self._flat_update(
+            tuple(x.dtype for x in inputs), resets=tuple(reset for _, reset in slots),
+            bracketed=int(np.prod(shape)) > SAMPLE_ABOVE)
+        n_active, k, n_moved, new_mask, new_weight, *new_slots = update(fraction, seed, *inputs)
+        writes = [mw.mask.assign(ops.reshape(new_mask, shape)), mw.weight.assign(ops.reshape(new_weight, shape))]
+        writes += [slot.assign(ops.reshape(value, shape)) for (slot, _), value in zip(slots, new_slots)]
+        return (n_active, k, n_moved), [w.op if hasattr(w, "op") else w for w in writes]
+
+    def _flat_update(self, dtypes, resets, bracketed):
+        """The traced by-index update of one flat weight: ``(fraction, seed, mask, weight, [scores], *slots)``.
+
+        Returns ``(n_active, k, n_moved, new_mask, new_weight, *new_slots)``, all flat.
+        """
         import tensorflow as tf
 
-        shape = tuple(mw.mask.shape)
-        dropped, grown_all, was_active, _ = select_indices(weight, mask, self._grow_scores(mw, seed), k, seed,
-                                                           self.reinit_regrown)
-        indices = tf.expand_dims(tf.concat([dropped, grown_all], 0), -1)
-        marks = tf.concat([tf.fill(tf.shape(dropped), -1), tf.fill(tf.shape(grown_all), 2)], 0)
-        delta = tf.scatter_nd(indices, marks, (int(np.prod(shape)),))  # duplicates add up: dropped and grown back
-        slots = self._slots(mw)
-        new_mask, new_weight, new_slots = _fused(_write_by_index_eager)(
-            mask, delta, weight, [tf.convert_to_tensor(slot) for slot, _ in slots],
-            resets=tuple(reset for _, reset in slots), reinit_regrown=self.reinit_regrown)
-        writes = [mw.mask.assign(new_mask), mw.weight.assign(new_weight)]
-        writes += [slot.assign(value) for (slot, _), value in zip(slots, new_slots)]
-        n_moved = k - tf.reduce_sum(tf.cast(was_active, "int32"))
-        return (n_active, k, n_moved), [w.op if hasattr(w, "op") else w for w in writes]
+        key = (dtypes, resets, bracketed)
+        function = self._flat_updates.get(key)
+        if function is not None:
+            return function
+        gradient = self.grow_by == "gradient"
+
+        def update(fraction, seed, mask, weight, *rest):
+            scores, slots = (rest[0], rest[1:]) if gradient else (None, rest)
+            size = tf.size(mask, out_type=tf.int64)
+            n_active = _fused(_count_active_eager)(mask)
+            k = drop_count(fraction, n_active, tf.cast(size, tf.int32))
+            grow = ops.abs(scores) if gradient else _random_scores_flat(size, seed)
+            dropped, grown_all, was_active, _ = select_indices(weight, mask, grow, k, seed, self.reinit_regrown,
+                                                               bracketed=bracketed)
+            indices = tf.expand_dims(tf.concat([dropped, grown_all], 0), -1)
+            marks = tf.concat([tf.fill(tf.shape(dropped), -1), tf.fill(tf.shape(grown_all), 2)], 0)
+            delta = tf.scatter_nd(indices, marks, tf.reshape(size, (1,)))  # duplicates add up: dropped and grown back
+            new_mask, new_weight, new_slots = _fused(_write_by_index_eager)(
+                mask, delta, weight, list(slots), resets=resets, reinit_regrown=self.reinit_regrown)
+            n_moved = k - tf.reduce_sum(tf.cast(was_active, "int32"))
+            return (n_active, k, n_moved, new_mask, new_weight, *new_slots)
+
+        signature = [tf.TensorSpec((), tf.float64), tf.TensorSpec((), tf.int64)]
+        signature += [tf.TensorSpec((None,), dtype) for dtype in dtypes]
+        # _noinline: the caller's graph keeps one call per weight; inlined, it would be the 54 copies again
+        function = self._flat_updates[key] = tf.function(
+            update, input_signature=signature, autograph=False, experimental_attributes={"_noinline": True})
+        return function
 
     def __call__(self, fraction, seeds):
         """Update every weight with drop fraction ``fraction`` and ``seeds[i]`` for weight i.

@@ -173,6 +173,34 @@ def _model(seed=0):
     return model
 
 
+def _assert_update_equals_numpy(update, model, seeds, fraction):
+    """Run ``update`` and check every mask, weight and Adam moment against the NumPy reference."""
+    expected = []
+    for mw, seed in zip(update.masked_weights, seeds):
+        w, m = keras.ops.convert_to_numpy(mw.weight), keras.ops.convert_to_numpy(mw.mask)
+        n_active = int(m.sum())
+        scores = (np.abs(keras.ops.convert_to_numpy(mw.capture.read())) if update.grow_by == "gradient"
+                  else updates.random_scores(m.shape, seed))
+        f = fraction if 0 < n_active < m.size else 0.0  # the NumPy callback skips dense weights
+        r = updates.drop_and_grow(w, m, scores, f, seed=seed, reinit_regrown=update.reinit_regrown)
+        new_w = np.where(r.grown, 0, w) * r.new_mask
+        slots = [np.where(r.grown | r.removed, reset, keras.ops.convert_to_numpy(s))
+                 for s, reset in optimizer_state.slot_variables(model.optimizer, mw.weight)]
+        expected.append((r, new_w, slots))
+    assert any(r.n_moved > 0 for r, _, _ in expected)
+
+    counts = update(fraction, seeds)
+    for i, (mw, (r, new_w, slots)) in enumerate(zip(update.masked_weights, expected)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.mask), r.new_mask)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.weight), new_w)
+        got = [keras.ops.convert_to_numpy(s) for s, _ in optimizer_state.slot_variables(model.optimizer, mw.weight)]
+        assert len(got) == len(slots) == 2  # Adam: two moments
+        for a, b in zip(got, slots):
+            np.testing.assert_array_equal(a, b)
+        assert counts.n_active[i] == r.n_active and counts.n_moved[i] == r.n_moved
+    return counts
+
+
 @pytest.mark.parametrize("fuse_keys,by_index", [(True, True), (True, False), (False, False)],
                          ids=["by_index", "xla_keys", "plain"])
 @pytest.mark.parametrize("grow_by,reinit", [("gradient", False), ("random", True), ("gradient", True)])
@@ -186,37 +214,50 @@ def test_whole_model_update_equals_the_numpy_path(grow_by, reinit, fuse_keys, by
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # Adam moments and the captured gradient are non-zero
     weights = [mw for layer in layers for mw in layer.masked_weights]
     seeds = [updates.update_seed(5, 100, i + 1) for i in range(len(weights))]
-    fraction = 0.3
-
-    expected = []
-    for mw, seed in zip(weights, seeds):
-        w, m = keras.ops.convert_to_numpy(mw.weight), keras.ops.convert_to_numpy(mw.mask)
-        n_active = int(m.sum())
-        scores = (np.abs(keras.ops.convert_to_numpy(mw.capture.read())) if grow_by == "gradient"
-                  else updates.random_scores(m.shape, seed))
-        f = fraction if 0 < n_active < m.size else 0.0  # the NumPy callback skips dense weights
-        r = updates.drop_and_grow(w, m, scores, f, seed=seed, reinit_regrown=reinit)
-        new_w = np.where(r.grown, 0, w) * r.new_mask
-        slots = [np.where(r.grown | r.removed, reset, keras.ops.convert_to_numpy(s))
-                 for s, reset in optimizer_state.slot_variables(model.optimizer, mw.weight)]
-        expected.append((r, new_w, slots))
-    assert any(r.n_moved > 0 for r, _, _ in expected)
-
     update = compiled_update.CompiledUpdate(weights, grow_by=grow_by, reinit_regrown=reinit,
                                             optimizer=model.optimizer, fuse_keys=fuse_keys, by_index=by_index)
-    counts = update(fraction, seeds)
-    for i, (mw, (r, new_w, slots)) in enumerate(zip(weights, expected)):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.mask), r.new_mask)
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mw.weight), new_w)
-        got = [keras.ops.convert_to_numpy(s) for s, _ in optimizer_state.slot_variables(model.optimizer, mw.weight)]
-        assert len(got) == len(slots) == 2  # Adam: two moments
-        for a, b in zip(got, slots):
-            np.testing.assert_array_equal(a, b)
-        assert counts.n_active[i] == r.n_active and counts.n_moved[i] == r.n_moved
+    counts = _assert_update_equals_numpy(update, model, seeds, 0.3)
     # a second call reuses the traced function (no retrace per step)
     update(0.1, [updates.update_seed(5, 200, i + 1) for i in range(len(weights))])
     assert update._function.experimental_get_tracing_count() == 1
     assert (counts.n_ever_active == -1).all()  # not tracked unless asked
+
+
+def _dense_stack(widths):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16,))
+    x = inp
+    for width in widths:
+        x = keras.layers.Dense(width, activation="relu")(x)
+    model = keras_rigl.sparsify(keras.Model(inp, keras.layers.Dense(10)(x)), 0.8, seed=0)
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    layers = keras_rigl.masked_layers(model)
+    for layer in layers:
+        layer.set_capture_mode(1)
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(32, 16)).astype("float32"), rng.normal(size=(32, 10)).astype("float32"),
+              batch_size=16, epochs=1, verbose=0)
+    return model, [mw for layer in layers for mw in layer.masked_weights]
+
+
+def test_weights_of_every_shape_share_one_traced_update(monkeypatch):
+    # Traced once per weight, the by-index update of ResNet50 was a graph of 40,000 operations
+    # (~470 per weight here) that held ~700 MiB while built: every weight must call one shared function.
+    monkeypatch.setattr(compiled_update, "SAMPLE_ABOVE", 600)  # the larger weights select near a sampled bracket
+    graph_ops = {}
+    for widths in ((24, 40), (24, 40, 20, 36, 28, 44, 32, 48)):
+        model, weights = _dense_stack(widths)
+        assert len({tuple(mw.mask.shape) for mw in weights}) == len(weights)
+        assert {int(np.prod(mw.mask.shape)) > 600 for mw in weights} == {True, False}
+        update = compiled_update.CompiledUpdate(weights, grow_by="gradient", optimizer=model.optimizer)
+        _assert_update_equals_numpy(update, model, [updates.update_seed(5, 100, i + 1)
+                                                    for i in range(len(weights))], 0.3)
+        graph = update._function.get_concrete_function(np.float64(0.3), np.zeros(len(weights), np.int64)).graph
+        graph_ops[len(weights)] = len(graph.get_operations())
+    (few, few_ops), (many, many_ops) = sorted(graph_ops.items())
+    # per weight: read and flatten 5 tensors, one call, reshape and assign 4 results (40 measured)
+    assert (many_ops - few_ops) / (many - few) <= 60, graph_ops
+    assert len(update._flat_updates) == 2  # one for float32 with two Adam moments, plain and bracketed
 
 
 def test_compiled_update_refuses_weights_without_capture():
