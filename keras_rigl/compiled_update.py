@@ -90,13 +90,9 @@ def order_keys(scores, hashes):
 
 def random_scores(shape, seed):
     """:func:`keras_rigl.updates.random_scores` on the device, from a uint32 seed tensor."""
-    return ops.reshape(_random_scores_flat(int(np.prod(shape)), seed), shape)
-
-
-def _random_scores_flat(size, seed):
-    """:func:`random_scores` of ``size`` (an int or a scalar tensor) entries, flat."""
+    size = int(np.prod(shape))
     draws = ops.right_shift(element_hashes(size, stream_key(seed, updates.STREAM_RANDOM)), 8)
-    return ops.multiply(ops.cast(draws, "float32"), 2.0**-24)
+    return ops.reshape(ops.multiply(ops.cast(draws, "float32"), 2.0**-24), shape)
 
 
 def _largest(keys, k, size, static_k=False):
@@ -555,9 +551,7 @@ class CompiledUpdate:
         shape = tuple(mw.mask.shape)
         slots = self._slots(mw)
         flat = lambda x: ops.reshape(ops.convert_to_tensor(x), (-1,))  # noqa: E731
-        inputs = [flat(mw.mask), flat(mw.weight)]
-        if self.grow_by == "gradient":
-            inputs.append(flat(mw.capture.value()))
+        inputs = [flat(mw.mask), flat(mw.weight), flat(self._grow_scores(mw, seed))]
         inputs += [flat(slot) for slot, _ in slots]
         update = self._flat_update(
             tuple(x.dtype for x in inputs), resets=tuple(reset for _, reset in slots),
@@ -568,7 +562,7 @@ class CompiledUpdate:
         return (n_active, k, n_moved), [w.op if hasattr(w, "op") else w for w in writes]
 
     def _flat_update(self, dtypes, resets, bracketed):
-        """The traced by-index update of one flat weight: ``(fraction, seed, mask, weight, [scores], *slots)``.
+        """The traced by-index update of one flat weight: ``(fraction, seed, mask, weight, grow_scores, *slots)``.
 
         Returns ``(n_active, k, n_moved, new_mask, new_weight, *new_slots)``, all flat.
         """
@@ -578,14 +572,11 @@ class CompiledUpdate:
         function = self._flat_updates.get(key)
         if function is not None:
             return function
-        gradient = self.grow_by == "gradient"
 
-        def update(fraction, seed, mask, weight, *rest):
-            scores, slots = (rest[0], rest[1:]) if gradient else (None, rest)
+        def update(fraction, seed, mask, weight, grow, *slots):
             size = tf.size(mask, out_type=tf.int64)
             n_active = _fused(_count_active_eager)(mask)
             k = drop_count(fraction, n_active, tf.cast(size, tf.int32))
-            grow = ops.abs(scores) if gradient else _random_scores_flat(size, seed)
             dropped, grown_all, was_active, _ = select_indices(weight, mask, grow, k, seed, self.reinit_regrown,
                                                                bracketed=bracketed)
             indices = tf.expand_dims(tf.concat([dropped, grown_all], 0), -1)
