@@ -105,6 +105,7 @@ def sparsify(
     mask_depthwise=False,
     capture_gradients=True,
     structure=None,
+    per_layer_structure=None,
 ):
     """Clone ``model`` with every maskable layer wrapped in ``Masked`` and masks drawn.
 
@@ -133,13 +134,18 @@ def sparsify(
             :mod:`keras_rigl.structure`): None (unstructured), ``"1xk"`` (e.g.
             ``"1x4"``: blocks of k inputs of one output unit), ``"N:M"`` (e.g.
             ``"2:4"``) or a ``Structure``. Every masked weight must carry it
-            (the error names the layer; leave it dense with ``exclude``).
+            (the error names the layer; leave it dense with ``exclude``, or
+            give it another structure with ``per_layer_structure``).
+        per_layer_structure: ``{layer name: structure}`` for those layers
+            (None: unstructured); the others take ``structure``. E.g. a first
+            layer that cannot carry ``"1x4"`` (one input channel) sparse but
+            unstructured, or the one layer where a structure costs accuracy.
 
     Returns:
         A new model. The input model is not modified.
     """
     _check_mask_arguments(sparsity, distribution, per_layer, mask_init, seed)
-    structure = structures.get(structure)
+    default_structure = structures.get(structure)
     check_built(model)
     if masked_layers(model):
         raise ValueError(
@@ -153,10 +159,17 @@ def sparsify(
             "build the model, then call keras_rigl.initialize_masks(model, sparsity=...)."
         )
     excluded = _exclusion_predicate(model, exclude)
+    maskable_names = [layer.name for layer in all_layers(model) if not excluded(layer)
+                      and not isinstance(layer, keras.Model) and maskable.is_maskable(layer, depthwise=mask_depthwise)]
+    layer_structures = _layer_structures(per_layer_structure, maskable_names)
+
+    def structure_of(layer):
+        return layer_structures.get(layer.name, default_structure)
+
     for layer in all_layers(model):  # refuse before cloning: Keras would bury the message in its own
-        if not excluded(layer) and not isinstance(layer, keras.Model) and maskable.is_maskable(layer, depthwise=mask_depthwise):
+        if layer.name in maskable_names:
             for ref in maskable.maskable_weights(layer, depthwise=mask_depthwise):
-                structure.check_shape(tuple(ref.variable.shape), f"Layer {layer.name!r} weight {ref.name!r}")
+                structure_of(layer).check_shape(tuple(ref.variable.shape), f"Layer {layer.name!r} weight {ref.name!r}")
 
     originals = {}  # id(new layer whose weights to fill) -> original layer
     unmaskable = []
@@ -168,7 +181,8 @@ def sparsify(
             if maskable.has_unmaskable_kernel(layer) and not excluded(layer):
                 unmaskable.append(f"{layer.name} ({type(layer).__name__})")
             return new
-        return Masked(new, mask_depthwise=mask_depthwise, capture_gradients=capture_gradients, structure=structure)
+        return Masked(new, mask_depthwise=mask_depthwise, capture_gradients=capture_gradients,
+                      structure=structure_of(layer))
 
     try:
         clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
@@ -195,6 +209,24 @@ def sparsify(
         clone, sparsity, distribution=distribution, per_layer=per_layer, mask_init=mask_init, seed=seed
     )
     return clone
+
+
+def _layer_structures(per_layer_structure, maskable_names):
+    """``{layer name: Structure}`` from ``per_layer_structure``, or a one-line error naming the masked layers."""
+    if per_layer_structure is None:
+        return {}
+    if not isinstance(per_layer_structure, dict):
+        raise TypeError(
+            f"per_layer_structure must be a dict {{layer name: structure}} (None for unstructured), got "
+            f"{type(per_layer_structure).__name__}; e.g. per_layer_structure={{'conv1': None}}."
+        )
+    for name in per_layer_structure:
+        if name not in maskable_names:
+            raise ValueError(
+                f"per_layer_structure name {name!r} matches no masked layer. Masked layers are: "
+                f"{sorted(maskable_names)}."
+            )
+    return {name: structures.get(spec) for name, spec in per_layer_structure.items()}
 
 
 def _masked_at_model_output(model):

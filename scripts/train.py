@@ -57,6 +57,9 @@ def build_parser():
                         "fan_in; layers that cannot carry it (e.g. a first conv with 1 input channel under 1x4: fewer "
                         "inputs than k; more inputs than k need not be a multiple of it) "
                         "are left dense and named, and the sparsity target applies to the other layers")
+    p.add_argument("--unstructured-layers", type=lambda text: tuple(n for n in text.split(",") if n), default=(),
+                   help="comma-separated layer names kept sparse but unstructured under --structure (e.g. fc1: "
+                        "the first layer, where a structure costs the most accuracy on the MLP)")
     p.add_argument("--update-freq", type=ranged(int, 1, what=" (steps between mask updates, >= 1)"), default=50,
                    help="ΔT: optimizer steps between mask updates (updates stop at 75%% of training)")
     p.add_argument("--drop-fraction", type=ranged(float, 0.0, 1.0, lo_open=True, what=" (must be in (0, 1])"), default=0.3,
@@ -95,7 +98,8 @@ def parse_config(argv=None):
     args = build_parser().parse_args(argv)
     return Config(
         dataset=args.dataset, model=args.model, method=args.method, sparsity=args.sparsity,
-        distribution=args.distribution, structure=args.structure, update_freq=args.update_freq,
+        distribution=args.distribution, structure=args.structure,
+        unstructured_layers=args.unstructured_layers, update_freq=args.update_freq,
         drop_fraction=args.drop_fraction,
         epochs=args.epochs, multiplier=args.multiplier, lr_schedule=args.lr_schedule, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, weights=args.weights, out=args.out,

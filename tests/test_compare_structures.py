@@ -153,6 +153,29 @@ def test_train_structure_1x4_cnn_masks_hold_and_counts_are_right(tmp_path, capsy
     assert result["train_flops"] == 3 * expected * examples + (result["f_dense"] - expected) * 3 * 64
 
 
+def test_train_unstructured_layers_keep_conv1_sparse_and_the_rest_in_blocks(tmp_path, capsys):
+    result = train.main(["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--update-freq", "2",
+                         "--structure", "1x4", "--unstructured-layers", "conv1,fc1", "--out", str(tmp_path),
+                         "--quiet", "--no-tflite"])
+    assert result["run"] == "synthetic_cnn_rigl_1x4_plain-conv1-fc1_s0.9_seed0"
+    assert result["dense_layers"] == [] and result["unstructured_layers"] == ["conv1", "fc1"]
+    assert result["mask_updates"] == 3
+    import keras_rigl
+
+    model = keras.models.load_model(tmp_path / result["run"] / "model.keras")
+    specs = {layer.layer.name: layer.structure.spec for layer in keras_rigl.masked_layers(model)}
+    assert specs == {"conv1": "unstructured", "conv2": "1x4", "conv3": "1x4", "fc1": "unstructured",
+                     "logits": "1x4"}
+
+
+def test_unstructured_layers_without_a_structure_exit_2_naming_the_fix(no_training, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "synthetic", "--unstructured-layers", "fc1", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--unstructured-layers fc1" in last and "--structure" in last
+
+
 # ------------------------------------------------------------------ compare.py end to end
 def test_compare_structures_rows_csv_summary_and_old_csv(tmp_path, monkeypatch):
     out = tmp_path / "cmp"

@@ -542,9 +542,11 @@ def kernel_masks(model):
     return {layer.layer.name: layer.get_masks()["kernel"] for layer in keras_rigl.masked_layers(model)}
 
 
-def check_invariant(model, spec):
+def check_invariant(model, spec, layers=None):
     k_or_nm = [int(v) for v in spec.replace("1x", "").split(":")]
     for name, mask in kernel_masks(model).items():
+        if layers is not None and name not in layers:
+            continue
         if ":" in spec:
             assert n_of_m_holds(mask, *k_or_nm), name
         else:
@@ -582,6 +584,59 @@ def test_sparsify_refuses_a_kernel_that_cannot_carry_it_and_exclude_fixes_it():
     sparse = keras_rigl.sparsify(small_cnn(), 0.8, structure="1x4", exclude=["conv1"], seed=0)
     assert sorted(kernel_masks(sparse)) == ["conv2", "out"]
     check_invariant(sparse, "1x4")
+
+
+def test_per_layer_structure_leaves_named_layers_unstructured_and_sparse():
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="2:4", per_layer_structure={"fc1": None}, seed=0)
+    assert [(l.layer.name, l.structure) for l in keras_rigl.masked_layers(model)] == [
+        ("fc1", S.Unstructured()), ("fc2", S.NofM(2, 4)), ("fc3", S.NofM(2, 4))]
+    masks = kernel_masks(model)
+    assert sum(int(m.sum()) for m in masks.values()) == 26620  # the total stays exact
+    assert n_of_m_holds(masks["fc2"], 2, 4) and n_of_m_holds(masks["fc3"], 2, 4)
+    # drawn unstructured: at 10% density ~200 of fc1's 58,800 groups of 4 hold 3 or 4 active entries
+    assert not n_of_m_holds(masks["fc1"], 2, 4)
+
+
+def test_per_layer_structure_gives_a_layer_a_structure_it_can_carry():
+    # conv1 (one input channel) cannot carry 1x4 blocks: unstructured instead of dense
+    sparse = keras_rigl.sparsify(small_cnn(), 0.8, structure="1x4", per_layer_structure={"conv1": None}, seed=0)
+    assert sorted(kernel_masks(sparse)) == ["conv1", "conv2", "out"]
+    assert {l.layer.name: l.structure.spec for l in keras_rigl.masked_layers(sparse)} == {
+        "conv1": "unstructured", "conv2": "1x4", "out": "1x4"}
+    plain = keras_rigl.sparsify(lenet_300_100(), 0.9, per_layer_structure={"fc2": "1x4"}, seed=0)
+    assert [l.structure.spec for l in keras_rigl.masked_layers(plain)] == ["unstructured", "1x4", "unstructured"]
+    assert blocks_hold(kernel_masks(plain)["fc2"], 4)
+
+
+@pytest.mark.parametrize("per_layer_structure, fragment", [
+    ({"fc9": None}, "per_layer_structure name 'fc9' matches no masked layer. Masked layers are: ['fc1', 'fc2', 'fc3']"),
+    ({"fc1": "3x"}, "Unknown structure '3x'"),
+    (["fc1"], "per_layer_structure must be a dict {layer name: structure}"),
+])
+def test_per_layer_structure_bad_input_is_one_line_naming_the_fix(per_layer_structure, fragment):
+    with pytest.raises((ValueError, TypeError)) as info:
+        keras_rigl.sparsify(lenet_300_100(), 0.9, per_layer_structure=per_layer_structure, seed=0)
+    assert "\n" not in str(info.value) and fragment in str(info.value)
+    with pytest.raises(ValueError) as info:  # a layer that cannot carry its own structure is named
+        keras_rigl.sparsify(small_cnn(), 0.8, per_layer_structure={"conv1": "1x4"})
+    assert "conv1" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_per_layer_structure_survives_save_load_and_rigl_fit(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras_rigl.sparsify(lenet_300_100(), 0.9, structure="2:4", per_layer_structure={"fc1": None}, seed=0)
+    x, y = teacher_data((784,), 128)
+    before = kernel_masks(model)
+    callback = keras_rigl.RigL(update_freq=2, end_step=16)
+    _fit(model, callback, "2:4", x, y, epochs=1, check_layers=("fc2", "fc3"))
+    after = kernel_masks(model)
+    assert callback.updates["n_moved"].sum() > 0 and not np.array_equal(before["fc1"], after["fc1"])
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [l.structure.spec for l in keras_rigl.masked_layers(loaded)] == ["unstructured", "2:4", "2:4"]
+    for name, mask in kernel_masks(loaded).items():
+        np.testing.assert_array_equal(mask, after[name])
 
 
 def test_sparsify_magnitude_init_keeps_the_structure():
@@ -691,12 +746,12 @@ def test_partial_blocks_save_load_and_strip_round_trip(tmp_path):
 class InvariantEveryBatch(keras.callbacks.Callback):
     """Runs after the sparse callback: the structure and every weight's active count hold after each step."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, layers=None):
         super().__init__()
-        self.spec, self.counts, self.checked = spec, None, 0
+        self.spec, self.layers, self.counts, self.checked = spec, layers, None, 0
 
     def on_train_batch_end(self, batch, logs=None):
-        check_invariant(self.model, self.spec)
+        check_invariant(self.model, self.spec, self.layers)
         counts = {name: int(mask.sum()) for name, mask in kernel_masks(self.model).items()}
         if self.counts is None:
             self.counts = counts
@@ -711,9 +766,9 @@ def teacher_data(shape, n=256, seed=0):
     return x, y
 
 
-def _fit(model, callback, spec, x, y, epochs=2):
+def _fit(model, callback, spec, x, y, epochs=2, check_layers=None):
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    check = InvariantEveryBatch(spec)
+    check = InvariantEveryBatch(spec, check_layers)
     history = model.fit(x, y, batch_size=32, epochs=epochs, callbacks=[callback, check], verbose=0)
     assert check.checked == epochs * len(x) // 32
     return history

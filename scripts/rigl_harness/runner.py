@@ -52,6 +52,7 @@ class Config:
     width: float = 1.0  # hidden-size multiplier (small-dense baseline)
     init: str = "scaled"  # "scaled": sparse-aware init of masked weights; "dense": the layer's own init
     structure: str = "none"  # keras_rigl structure of the masks ("1x4", "2:4", "fan_in"); "none": unstructured
+    unstructured_layers: tuple = ()  # layers sparse but without the structure (sparsify's per_layer_structure)
     save: bool = True  # write the model, logs and plots
     tflite: bool = True  # export the sparse .tflite
     verbose: int = 2  # 2: Keras progress, sparsity table and results; 1: the result lines only; 0: silent
@@ -66,6 +67,8 @@ class Config:
         if self.structure != "none":  # "2:4" -> "2of4", "fan_in(unit_sparsity=0.5)" -> "fan_in-unit_sparsity-0.5"
             plain = re.sub(r"[^A-Za-z0-9._]+", "-", self.structure.replace(":", "of"))
             name += "_" + plain.strip("-")
+        if self.unstructured_layers:
+            name += "_plain-" + "-".join(self.unstructured_layers)
         if self.sparse:
             name += f"_s{self.sparsity:g}"
         if self.width != 1.0:
@@ -95,6 +98,9 @@ def check_config(cfg):
             raise ValueError(f"--structure {cfg.structure} needs a sparse-from-scratch method "
                              f"({', '.join(SPARSE_METHODS)}); {cfg.method} cannot keep a structure: "
                              "drop --structure or change --method.")
+    if cfg.unstructured_layers and cfg.structure == "none":
+        raise ValueError(f"--unstructured-layers {','.join(cfg.unstructured_layers)} needs a --structure for the "
+                         "other layers (every layer is unstructured without one): add --structure or drop it.")
     if cfg.steps is not None and cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}.")
     if cfg.method == "prune":
@@ -231,6 +237,8 @@ def _train_keras(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
     refused = {}
     if cfg.method in SPARSE_METHODS:
         refused = structure_exclusions(model, cfg.structure)
+        for name in cfg.unstructured_layers:  # sparse without the structure, not dense
+            refused.pop(name, None)
         note = exclusion_note(cfg.structure, refused, cfg.sparsity)
         if note and cfg.verbose:
             print(note)
@@ -238,6 +246,7 @@ def _train_keras(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
             model, cfg.sparsity, distribution=cfg.distribution,
             mask_init="magnitude" if cfg.weights else "random", seed=cfg.seed,
             structure=None if cfg.structure == "none" else cfg.structure, exclude=sorted(refused) or None,
+            per_layer_structure={name: None for name in cfg.unstructured_layers} or None,
         )
         if cfg.init == "scaled" and not cfg.weights:
             keras_rigl.rescale_active_weights(model)
@@ -451,6 +460,7 @@ def _train_and_measure(cfg, data, total_steps, spe, epochs, run_name, stage, run
         "failure": failure,
         "method": cfg.method,
         "structure": cfg.structure,
+        "unstructured_layers": list(cfg.unstructured_layers),
         # maskable layers left dense because they cannot carry the structure (structure_exclusions)
         "dense_layers": dense_layers,
         "model": cfg.model,
