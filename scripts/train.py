@@ -35,7 +35,7 @@ from rigl_harness import datasets  # noqa: E402  (scripts/ is on sys.path when t
 from rigl_harness.atomic import RunFolder  # noqa: E402
 from rigl_harness.cli import HelpFormatter, ranged, structure_arg  # noqa: E402
 from rigl_harness.runner import (  # noqa: E402
-    DISTRIBUTIONS, INITS, LR_SCHEDULES, METHODS, MODELS, Config, check_config, run,
+    DISTRIBUTIONS, INITS, LR_SCHEDULES, METHODS, MODELS, Config, check_config, check_layer_names, run,
 )
 
 warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
@@ -116,6 +116,7 @@ def main(argv=None):
         check_config(cfg)
         RunFolder(cfg.out, cfg.run_name or cfg.default_run_name(), overwrite=cfg.overwrite).check()
         data = datasets.load_dataset(cfg.dataset, seed=0, input_scale=cfg.input_scale)
+        check_layer_names(cfg, data)
     except (ValueError, ImportError) as err:
         parser.error(str(err))
     result = run(cfg, data)

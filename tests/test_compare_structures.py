@@ -176,6 +176,18 @@ def test_unstructured_layers_without_a_structure_exit_2_naming_the_fix(no_traini
     assert "--unstructured-layers fc1" in last and "--structure" in last
 
 
+def test_unstructured_layers_naming_no_layer_exit_2_before_training(no_training, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "synthetic", "--model", "mlp", "--structure", "2:4",
+                    "--unstructured-layers", "fc1,fc9", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    # names the wrong layer only, and the layers it could have meant
+    assert "fc9" in last and "fc1," not in last.split("layers with weights")[0]
+    assert "layers with weights: fc1, fc2, logits" in last
+    assert not any(tmp_path.iterdir())  # no run folder was started
+
+
 # ------------------------------------------------------------------ compare.py end to end
 def test_compare_structures_rows_csv_summary_and_old_csv(tmp_path, monkeypatch):
     out = tmp_path / "cmp"

@@ -107,6 +107,27 @@ def check_config(cfg):
         check_tfmot()
 
 
+def check_layer_names(cfg, data):
+    """``--unstructured-layers`` names layers of the model, or a one-line ValueError listing the ones it has.
+
+    Needs the data's shapes (the model is built to read its layer names), so it runs after the data loads
+    and before a run folder or training starts; whether a named layer is masked is sparsify's check.
+    """
+    if not cfg.unstructured_layers:
+        return
+    import keras
+
+    model = zoo.build_model(cfg.model, data.input_shape, data.num_classes, width=cfg.width)
+    names = [layer.name for layer in model.layers if layer.weights]
+    del model
+    keras.backend.clear_session()  # the real build starts from the same state as without this check
+    unknown = [name for name in cfg.unstructured_layers if name not in names]
+    if unknown:
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        raise ValueError(f"--unstructured-layers {','.join(unknown)}: the {cfg.model} model has no layer of "
+                         f"that name; its layers with weights: {shown}.")
+
+
 STRUCTURE_FORMS = "none (unstructured), 1xk (e.g. 1x4), N:M (e.g. 2:4) or fan_in"
 
 
