@@ -26,8 +26,13 @@ CNN's first convolution, 1 input channel, under 1x4 and 2:4) are left dense and
 named in a printed note; the sparsity target then applies to the other layers.
 ``1xk`` takes inputs that are not a multiple of k (each output unit ends in a
 shorter block): the MLP's 300- and 100-input layers are masked under 1x16.
-A structured run's id has ``method@structure`` (``...|rigl@1x4|s0.9|...``);
-unstructured ids are unchanged.
+``--unstructured-layers fc1`` keeps the named layers sparse but unstructured in
+every structured run (``sparsify(..., per_layer_structure=)``): where the
+structure costs the most (the MLP's first layer), or a layer that cannot carry
+it (the CNN's conv1, sparse instead of dense).
+A structured run's id has ``method@structure`` (``...|rigl@1x4|s0.9|...``;
+``rigl@2:4+plain-fc1`` with ``--unstructured-layers fc1``), its summary row
+``RigL (2:4, fc1 unstructured)``; unstructured ids are unchanged.
 
 Grid: methods x ``--structures`` x ``--sparsities`` x ``--seeds`` x ``--multipliers``
 (dense runs once per seed and multiplier). Training FLOPs follow the paper's accounting
@@ -49,7 +54,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from rigl_harness import atomic, datasets, runner  # noqa: E402  (scripts/ is on sys.path when this file runs)
-from rigl_harness.cli import HelpFormatter, ranged, structures_arg  # noqa: E402
+from rigl_harness.cli import HelpFormatter, layer_names_arg, ranged, structures_arg  # noqa: E402
 from rigl_harness.comparison import ALL_METHODS, run_comparison  # noqa: E402
 
 
@@ -108,6 +113,9 @@ def build_parser():
                    help="comma-separated mask structures of static, set, snfs and rigl: none (unstructured), 1xk "
                         "(e.g. 1x4), N:M (e.g. 2:4), fan_in; each sparse method runs once per structure, the dense "
                         "baselines and prune once, unstructured")
+    p.add_argument("--unstructured-layers", type=layer_names_arg, default=(),
+                   help="comma-separated layer names kept sparse but unstructured in every structured run (e.g. "
+                        "fc1: the MLP's first layer, where a structure costs the most accuracy)")
     p.add_argument("--distribution", default="erk", choices=runner.DISTRIBUTIONS, help="how the sparsity is spread over the layers")
     p.add_argument("--update-freq", type=ranged(int, 1, what=" (>= 1)"), default=50, help="ΔT, steps between mask updates")
     p.add_argument("--drop-fraction", type=ranged(float, 0.0, 1.0, lo_open=True, what=" (in (0, 1])"), default=0.3, help="share of active connections moved at an update")
@@ -138,6 +146,12 @@ def prepare(argv=None):
                 notes.append(f"TFMOT is not installed: pruning left out ({runner.TFMOT_HINT}).")
         elif "prune" in args.methods:
             runner.check_tfmot()
+        if args.unstructured_layers:
+            if all(st == "none" for st in args.structures):
+                raise ValueError(f"--unstructured-layers {','.join(args.unstructured_layers)} needs a structure in "
+                                 "--structures for the other layers (e.g. --structures none,2:4): add one or drop it.")
+            runner.check_layer_names(runner.Config(model=args.model, unstructured_layers=args.unstructured_layers),
+                                     data)
         if "prune" in args.methods and any(st != "none" for st in args.structures):
             notes.append("prune (TFMOT) has no structured variant: it runs unstructured only, like the dense "
                          "baselines.")

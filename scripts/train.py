@@ -33,7 +33,7 @@ import warnings  # noqa: E402
 
 from rigl_harness import datasets  # noqa: E402  (scripts/ is on sys.path when this file runs)
 from rigl_harness.atomic import RunFolder  # noqa: E402
-from rigl_harness.cli import HelpFormatter, ranged, structure_arg  # noqa: E402
+from rigl_harness.cli import HelpFormatter, layer_names_arg, ranged, structure_arg  # noqa: E402
 from rigl_harness.runner import (  # noqa: E402
     DISTRIBUTIONS, INITS, LR_SCHEDULES, METHODS, MODELS, Config, check_config, check_layer_names, run,
 )
@@ -57,7 +57,7 @@ def build_parser():
                         "fan_in; layers that cannot carry it (e.g. a first conv with 1 input channel under 1x4: fewer "
                         "inputs than k; more inputs than k need not be a multiple of it) "
                         "are left dense and named, and the sparsity target applies to the other layers")
-    p.add_argument("--unstructured-layers", type=lambda text: tuple(n for n in text.split(",") if n), default=(),
+    p.add_argument("--unstructured-layers", type=layer_names_arg, default=(),
                    help="comma-separated layer names kept sparse but unstructured under --structure (e.g. fc1: "
                         "the first layer, where a structure costs the most accuracy on the MLP)")
     p.add_argument("--update-freq", type=ranged(int, 1, what=" (steps between mask updates, >= 1)"), default=50,

@@ -188,6 +188,78 @@ def test_unstructured_layers_naming_no_layer_exit_2_before_training(no_training,
     assert not any(tmp_path.iterdir())  # no run folder was started
 
 
+def test_compare_unstructured_layers_go_with_the_structured_jobs_only():
+    args = compare.build_parser().parse_args(["--model", "mlp", "--structures", "none,2:4",
+                                              "--unstructured-layers", "fc1,fc2,fc1"])
+    assert args.unstructured_layers == ("fc1", "fc2")
+    jobs = comparison.grid(["dense", "static", "rigl"], [0.9], [0], [1.0], args.structures,
+                           args.unstructured_layers)
+    prefix = "mnist5k|mlp|e10|b64|lr0.05|dt50|df0.3|erk|"
+    assert [j.run_id(args) for j in jobs] == [prefix + p + "|x1|seed0" for p in (
+        "dense|s0", "static|s0.9", "static@2:4+plain-fc1-fc2|s0.9", "rigl|s0.9", "rigl@2:4+plain-fc1-fc2|s0.9")]
+    assert [j.unstructured_layers for j in jobs] == [(), (), ("fc1", "fc2"), (), ("fc1", "fc2")]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--structures", "none"], ["--unstructured-layers fc1", "--structures"]),
+    (["--structures", "2:4", "--unstructured-layers", "fc1,fc9"],
+     ["--unstructured-layers fc9", "layers with weights: fc1, fc2, logits"]),
+])
+def test_compare_unstructured_layers_errors_exit_2_before_training(no_training, capsys, tmp_path, extra, expected):
+    argv = ["--dataset", "synthetic", "--model", "mlp", "--out", str(tmp_path / "cmp")] + extra
+    if "--unstructured-layers" not in extra:
+        argv += ["--unstructured-layers", "fc1"]
+    with pytest.raises(SystemExit) as exc:
+        compare.main(argv)
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert all(part in last for part in expected), last
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_unstructured_layers_train_fc1_unstructured_and_have_their_own_row(tmp_path, monkeypatch):
+    import keras_rigl
+
+    specs = []
+    real_sparsify = keras_rigl.sparsify
+
+    def spy(*args, **kwargs):
+        model = real_sparsify(*args, **kwargs)
+        specs.append({layer.layer.name: layer.structure.spec for layer in keras_rigl.masked_layers(model)})
+        return model
+
+    monkeypatch.setattr(keras_rigl, "sparsify", spy)
+    out = tmp_path / "cmp"
+    result = compare.main(TINY + ["--methods", "rigl", "--structures", "2:4", "--unstructured-layers", "fc1",
+                                  "--out", str(out)])
+    assert specs == [{"fc1": "unstructured", "fc2": "2:4", "logits": "2:4"}]
+    df = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert list(df.columns) == comparison.COLUMNS
+    row = df.iloc[0]
+    assert row["run_id"].endswith("|rigl@2:4+plain-fc1|s0.9|x1|seed0")
+    assert (row["structure"], row["unstructured_layers"], row["dense_layers"]) == ("2:4", "fc1", "")
+    assert float(row["sparsity_actual"]) == pytest.approx(0.9, abs=2e-3)
+    assert list(result["summary"]["structure"]) == ["2:4, fc1 unstructured"]
+    assert "| RigL (2:4, fc1 unstructured) | 0.9 | 1× | 1 |" in (out / "summary.md").read_text()
+
+
+def test_compare_cnn_conv1_unstructured_is_not_reported_left_dense(tmp_path, capsys, monkeypatch):
+    rows = []
+
+    def fake_run(cfg, data=None):
+        rows.append(cfg)
+        raise SystemExit(0)  # stop at the first run: only the planning is under test
+
+    monkeypatch.setattr(comparison, "run", fake_run)
+    with pytest.raises(SystemExit):
+        compare.main(["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--seeds", "0",
+                      "--sparsities", "0.9", "--methods", "rigl", "--structures", "1x4", "--no-progress",
+                      "--unstructured-layers", "conv1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "left dense" not in printed, printed
+    assert (rows[0].structure, rows[0].unstructured_layers) == ("1x4", ("conv1",))
+
+
 # ------------------------------------------------------------------ compare.py end to end
 def test_compare_structures_rows_csv_summary_and_old_csv(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
@@ -195,7 +267,8 @@ def test_compare_structures_rows_csv_summary_and_old_csv(tmp_path, monkeypatch):
     # a results.csv written before the structure column existed: its row must be reused, not rerun
     args = compare.build_parser().parse_args(TINY + ["--out", str(out)])
     old_id = comparison.Job("rigl", 0.9, 0, 1.0).run_id(args)
-    old_columns = [c for c in comparison.COLUMNS if c not in ("structure", "sparsity_all_kernels", "dense_layers")]
+    old_columns = [c for c in comparison.COLUMNS
+                   if c not in ("structure", "unstructured_layers", "sparsity_all_kernels", "dense_layers")]
     old = {c: np.nan for c in old_columns}
     old.update(run_id=old_id, dataset="synthetic", model="mlp", method="rigl", sparsity=0.9, seed=0,
                multiplier=1.0, epochs=1, steps=8, batch_size=64, width=1.0, accuracy=0.5, loss=1.0,

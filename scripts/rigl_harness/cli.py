@@ -40,3 +40,8 @@ def structures_arg(text):
     if not values:
         raise argparse.ArgumentTypeError("empty list of structures; use e.g. none,1x4,2:4,fan_in")
     return list(dict.fromkeys(values))
+
+
+def layer_names_arg(text):
+    """``--unstructured-layers``: comma-separated layer names, each once, in order (empty: none)."""
+    return tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))

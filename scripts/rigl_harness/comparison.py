@@ -14,7 +14,7 @@ from rigl_harness.runner import SPARSE_METHODS, Config, exclusion_note, run, str
 ALL_METHODS = ("dense", "dense_flops", "small_dense", "static", "set", "snfs", "rigl", "prune")
 DENSE_ONLY = ("dense",)  # independent of the sparsity
 COLUMNS = [
-    "run_id", "dataset", "model", "method", "structure", "sparsity", "seed", "multiplier", "epochs", "steps",
+    "run_id", "dataset", "model", "method", "structure", "unstructured_layers", "sparsity", "seed", "multiplier", "epochs", "steps",
     "batch_size", "width", "accuracy", "loss", "train_flops", "inference_flops", "f_dense", "params", "params_total",
     "sparsity_actual", "sparsity_all_kernels", "dense_layers", "wall_time_s", "tflite_bytes", "tflite_agreement",
     "mask_updates", "status",
@@ -33,12 +33,20 @@ class Job:
     seed: int
     multiplier: float
     structure: str = "none"  # keras_rigl's spelling ("1x4", "2:4", "fan_in"); "none": unstructured
+    unstructured_layers: tuple = ()  # layers sparse without the structure (--unstructured-layers)
 
-    def run_id(self, args):
+    @property
+    def method_part(self):
+        """``rigl``, ``rigl@2:4``, ``rigl@2:4+plain-fc1``: the run id's method part, also the progress label."""
         # the structure joins the method part only when there is one: unstructured ids (and the rows of
         # results.csv files written before structures existed) stay as they were
-        method = self.method if self.structure == "none" else f"{self.method}@{self.structure}"
-        return f"{study_key(args)}|{method}|s{self.sparsity:g}|x{self.multiplier:g}|seed{self.seed}"
+        if self.structure == "none":
+            return self.method
+        plain = "+plain-" + "-".join(self.unstructured_layers) if self.unstructured_layers else ""
+        return f"{self.method}@{self.structure}{plain}"
+
+    def run_id(self, args):
+        return f"{study_key(args)}|{self.method_part}|s{self.sparsity:g}|x{self.multiplier:g}|seed{self.seed}"
 
 
 def study_key(args):
@@ -47,11 +55,12 @@ def study_key(args):
             f"|dt{args.update_freq}|df{args.drop_fraction:g}|{args.distribution}")
 
 
-def grid(methods, sparsities, seeds, multipliers, structures=("none",)):
+def grid(methods, sparsities, seeds, multipliers, structures=("none",), unstructured_layers=()):
     """All jobs, seed-major (a stopped comparison has whole seeds done first).
 
     The sparse-from-scratch methods run once per structure; the dense baselines and TFMOT pruning
-    (which has no structured variant) once, unstructured.
+    (which has no structured variant) once, unstructured. ``unstructured_layers`` go with every
+    structured job (an unstructured one has nothing to leave out).
     """
     jobs = []
     for seed in seeds:
@@ -60,7 +69,8 @@ def grid(methods, sparsities, seeds, multipliers, structures=("none",)):
                 if method in DENSE_ONLY:
                     jobs.append(Job(method, 0.0, seed, m))
                 elif method in STRUCTURED_METHODS:
-                    jobs.extend(Job(method, s, seed, m, st) for st in structures for s in sparsities)
+                    jobs.extend(Job(method, s, seed, m, st, () if st == "none" else tuple(unstructured_layers))
+                                for st in structures for s in sparsities)
                 else:
                     jobs.extend(Job(method, s, seed, m) for s in sparsities)
     return jobs
@@ -86,6 +96,19 @@ def _with_structure(df):
     """Rows from a results.csv written before structures existed are unstructured ("none")."""
     df = df.copy()
     df["structure"] = df["structure"].fillna("none").astype(str) if "structure" in df else "none"
+    return df
+
+
+def _series_structure(df):
+    """The summary's structure column: ``"2:4, fc1 unstructured"`` for runs with --unstructured-layers, so
+    that they are their own row, label and colour; ``"2:4"`` otherwise."""
+    if "unstructured_layers" not in df:
+        return df
+    df = df.copy()
+    plain = df["unstructured_layers"].fillna("").astype(str)
+    named = plain != ""
+    df.loc[named, "structure"] = (df.loc[named, "structure"] + ", " + plain[named].str.replace(";", ", ")
+                                  + " unstructured")
     return df
 
 
@@ -126,6 +149,7 @@ class Planner:
             distribution=a.distribution, update_freq=a.update_freq, drop_fraction=a.drop_fraction,
             epochs=a.epochs, multiplier=job.multiplier, lr=a.lr, batch_size=a.batch_size, seed=job.seed,
             save=False, tflite=not a.no_tflite, verbose=0, structure=job.structure,
+            unstructured_layers=job.unstructured_layers,
         )
         if method in ("dense_flops", "small_dense", "dense"):
             cfg.method = "dense"
@@ -153,7 +177,7 @@ def run_job(job, planner, args):
     r = run(cfg, data=planner.data)
     return {
         "run_id": job.run_id(args), "dataset": r["dataset"], "model": args.model, "method": job.method,
-        "structure": job.structure,
+        "structure": job.structure, "unstructured_layers": ";".join(job.unstructured_layers),
         "sparsity": job.sparsity, "seed": job.seed, "multiplier": job.multiplier, "epochs": r["epochs"],
         "steps": r["steps"], "batch_size": args.batch_size, "width": cfg.width, "accuracy": r["accuracy"],
         "loss": r["loss"], "train_flops": r["train_flops"], "inference_flops": r["inference_flops"],
@@ -188,7 +212,7 @@ def summarize(df, dense_train=None):
         df = df[df["status"].fillna("ok") != "failed"]
     if df.empty:
         return pd.DataFrame()
-    df = _with_structure(df)
+    df = _series_structure(_with_structure(df))
     ref_flops = _full_width_f_dense(df)
     if dense_train is None:
         dense1 = df[(df["method"] == "dense") & (df["multiplier"] == 1)]
@@ -320,7 +344,9 @@ def structure_notes(args, data, structures, jobs):
     import keras
 
     model = zoo.build_model(args.model, data.input_shape, data.num_classes)
-    notes = [exclusion_note(st, structure_exclusions(model, st)) for st in wanted]
+    plain = set(getattr(args, "unstructured_layers", ()))  # sparse without the structure, not dense
+    notes = [exclusion_note(st, {name: why for name, why in structure_exclusions(model, st).items()
+                                 if name not in plain}) for st in wanted]
     keras.backend.clear_session()
     return [n for n in notes if n]
 
@@ -331,7 +357,8 @@ def run_comparison(args, data, notes=()):
     csv_path = os.path.join(args.out, "results.csv")
     df = read_results(csv_path)
     structures = getattr(args, "structures", ["none"])
-    jobs = grid(args.methods, args.sparsities, args.seeds, args.multipliers, structures)
+    jobs = grid(args.methods, args.sparsities, args.seeds, args.multipliers, structures,
+                getattr(args, "unstructured_layers", ()))
     done = set(df["run_id"])
     pending = [j for j in jobs if j.run_id(args) not in done]
     notes = list(notes) + structure_notes(args, data, structures, jobs)
@@ -346,8 +373,7 @@ def run_comparison(args, data, notes=()):
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), unit="run", dynamic_ncols=True)
     for job in pending:
         if bar is not None:
-            method = job.method if job.structure == "none" else f"{job.method}@{job.structure}"
-            bar.set_description(f"{method} s={job.sparsity:g} x{job.multiplier:g} seed={job.seed}")
+            bar.set_description(f"{job.method_part} s={job.sparsity:g} x{job.multiplier:g} seed={job.seed}")
         row = run_job(job, planner, args)
         if row["status"] != "ok":
             print(f"warning: run {row['run_id']} failed (non-finite loss); it is left out of the summary.")
