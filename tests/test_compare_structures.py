@@ -243,7 +243,8 @@ def test_compare_unstructured_layers_train_fc1_unstructured_and_have_their_own_r
     assert "| RigL (2:4, fc1 unstructured) | 0.9 | 1× | 1 |" in (out / "summary.md").read_text()
 
 
-def test_compare_cnn_conv1_unstructured_is_not_reported_left_dense(tmp_path, capsys, monkeypatch):
+def _plan_cnn_1x4(monkeypatch, tmp_path, extra=()):
+    """compare.py's planning of one CNN RigL 1x4 run, stopped at the run: the configs it would train."""
     rows = []
 
     def fake_run(cfg, data=None):
@@ -254,7 +255,12 @@ def test_compare_cnn_conv1_unstructured_is_not_reported_left_dense(tmp_path, cap
     with pytest.raises(SystemExit):
         compare.main(["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--seeds", "0",
                       "--sparsities", "0.9", "--methods", "rigl", "--structures", "1x4", "--no-progress",
-                      "--unstructured-layers", "conv1", "--out", str(tmp_path)])
+                      "--out", str(tmp_path), *extra])
+    return rows
+
+
+def test_compare_cnn_conv1_unstructured_is_not_reported_left_dense(tmp_path, capsys, monkeypatch):
+    rows = _plan_cnn_1x4(monkeypatch, tmp_path, ["--unstructured-layers", "conv1"])
     printed = capsys.readouterr().out
     assert "left dense" not in printed, printed
     assert (rows[0].structure, rows[0].unstructured_layers) == ("1x4", ("conv1",))
@@ -298,17 +304,7 @@ def test_compare_structures_rows_csv_summary_and_old_csv(tmp_path, monkeypatch):
 
 
 def test_compare_cnn_structure_prints_the_layers_left_dense(tmp_path, capsys, monkeypatch):
-    rows = []
-
-    def fake_run(cfg, data=None):
-        rows.append(cfg)
-        raise SystemExit(0)  # stop at the first run: only the planning is under test
-
-    monkeypatch.setattr(comparison, "run", fake_run)
-    with pytest.raises(SystemExit):
-        compare.main(["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--seeds", "0",
-                      "--sparsities", "0.9", "--methods", "rigl", "--structures", "1x4", "--no-progress",
-                      "--out", str(tmp_path)])
+    rows = _plan_cnn_1x4(monkeypatch, tmp_path)
     printed = capsys.readouterr().out
     line = [ln for ln in printed.splitlines() if "1x4" in ln and "conv1" in ln]
     assert len(line) == 1 and "left dense" in line[0] and "remaining" in line[0], printed
