@@ -129,13 +129,14 @@ class ProbeCapture:
             self.average.assign(keras.ops.zeros_like(self.average))
 
 
-def accumulate(model):
-    """After a training step: fold every probe of ``model`` in MODE_EMA into its moving average."""
-    from keras_rigl.sparsify import masked_layers
+def accumulate(layers):
+    """After a training step: fold every probe of the masked ``layers`` in MODE_EMA into its moving average.
 
+    Takes the layers, not the model: finding them is sparsify's (which builds on this module's probes).
+    """
     if not available():
         return
-    for layer in masked_layers(model):
+    for layer in layers:
         for mw in layer.masked_weights:
             if isinstance(mw.capture, ProbeCapture):
                 mw.capture.accumulate()

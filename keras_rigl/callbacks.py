@@ -312,7 +312,7 @@ class SparseTraining(keras.callbacks.Callback):
     def after_step(self, model, step, optimizer=None):
         """Call after optimizer step ``step``: updates the masks if it is an update step."""
         if self.gradient_mode == gradient_capture.MODE_EMA:
-            backend_capture.accumulate(model)  # JAX/PyTorch: SNFS's moving average, every step
+            backend_capture.accumulate(masked_layers(model))  # JAX/PyTorch: SNFS's moving average, every step
         if not self.is_update_step(step):
             return []
         rows = self.update_masks(model, step, optimizer)
