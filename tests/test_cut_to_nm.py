@@ -25,6 +25,9 @@ def test_cut_mask_keeps_the_n_largest_of_every_group_of_inputs():
 
 
 def test_training_ends_2_of_4_in_the_cut_layers_only(tmp_path, capsys):
+    from rigl_harness import runner
+
+    plain = runner.method_callback
     cut = load_script("scripts/experiments/cut_to_nm.py")
     result = cut.main(["--cut-layers", "fc1,fc2", "--nm", "2:4", "--", "--dataset", "synthetic", "--model", "mlp",
                        "--epochs", "2", "--update-freq", "2", "--out", str(tmp_path), "--quiet", "--no-tflite"])
@@ -41,6 +44,7 @@ def test_training_ends_2_of_4_in_the_cut_layers_only(tmp_path, capsys):
     groups = masks["logits"].T.reshape(masks["logits"].shape[1], -1, 4).sum(-1)
     assert groups.max() > 2  # logits were not cut (ERK makes them dense)
     assert "cut to 2:4 after step" in capsys.readouterr().out
+    assert runner.method_callback is plain  # later runs in this process train as train.py does
 
 
 def test_a_structure_flag_or_a_bad_nm_exits_2(capsys):

@@ -99,8 +99,12 @@ def main(argv=None):
         p.error("--structure: this experiment trains unstructured and cuts to --nm after the last update; drop it")
     layer_names = [name for name in args.cut_layers.split(",") if name]
     log = []
-    runner.method_callback = with_cut(runner.method_callback, layer_names, n, m, log)
-    result = train.main(rest)
+    plain = runner.method_callback
+    runner.method_callback = with_cut(plain, layer_names, n, m, log)
+    try:
+        result = train.main(rest)
+    finally:  # the patch is this run's only: later runs in the same process (tests) train as train.py does
+        runner.method_callback = plain
     result["cuts"] = log
     for row in log:
         print(f"cut to {n}:{m} after step {row['step'] - 1}: {row['layer']} lost {row['cut']} weights, "
