@@ -344,9 +344,8 @@ def structure_notes(args, data, structures, jobs):
     import keras
 
     model = zoo.build_model(args.model, data.input_shape, data.num_classes)
-    plain = set(getattr(args, "unstructured_layers", ()))  # sparse without the structure, not dense
-    notes = [exclusion_note(st, {name: why for name, why in structure_exclusions(model, st).items()
-                                 if name not in plain}) for st in wanted]
+    plain = getattr(args, "unstructured_layers", ())
+    notes = [exclusion_note(st, structure_exclusions(model, st, plain)) for st in wanted]
     keras.backend.clear_session()
     return [n for n in notes if n]
 

@@ -146,12 +146,13 @@ def canonical_structure(text):
     return "none" if spec == structures.Unstructured.name else spec
 
 
-def structure_exclusions(model, structure):
+def structure_exclusions(model, structure, unstructured_layers=()):
     """``{layer name: reason}`` of the maskable layers whose weights cannot carry ``structure``.
 
     Asked of the structure itself (``check_shape``, the test ``keras_rigl.sparsify`` applies before it
     refuses a layer), so the harness leaves exactly those layers dense, e.g. a first convolution with 1
-    or 3 input channels under "1x4" or "2:4".
+    or 3 input channels under "1x4" or "2:4". Layers in ``unstructured_layers`` are not among them: they
+    are sparse without the structure (``--unstructured-layers``), not dense.
     """
     if canonical_structure(structure) == "none":
         return {}
@@ -171,7 +172,7 @@ def structure_exclusions(model, structure):
                 spec.check_shape(tuple(ref.variable.shape), f"Layer {layer.name!r} weight {ref.name!r}")
             except ValueError as err:
                 refused.setdefault(layer.name, str(err).split("; leave the layer dense")[0])
-    return refused
+    return {name: why for name, why in refused.items() if name not in unstructured_layers}
 
 
 def exclusion_note(structure, refused, sparsity=None):
@@ -257,9 +258,7 @@ def _train_keras(cfg, data, total_steps, steps_per_epoch, epochs, run_dir):
         zoo.load_weights_file(model, cfg.weights)
     refused = {}
     if cfg.method in SPARSE_METHODS:
-        refused = structure_exclusions(model, cfg.structure)
-        for name in cfg.unstructured_layers:  # sparse without the structure, not dense
-            refused.pop(name, None)
+        refused = structure_exclusions(model, cfg.structure, cfg.unstructured_layers)
         note = exclusion_note(cfg.structure, refused, cfg.sparsity)
         if note and cfg.verbose:
             print(note)
