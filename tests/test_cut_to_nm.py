@@ -49,7 +49,8 @@ def test_training_ends_2_of_4_in_the_cut_layers_only(tmp_path, capsys):
 
 def test_a_structure_flag_or_a_bad_nm_exits_2(capsys):
     cut = load_script("scripts/experiments/cut_to_nm.py")
-    for argv in (["--cut-layers", "fc1", "--", "--structure", "2:4"], ["--cut-layers", "fc1", "--nm", "4:2"]):
+    for argv in (["--cut-layers", "fc1", "--", "--structure", "2:4"], ["--cut-layers", "fc1", "--structure=1x4"],
+                 ["--cut-layers", "fc1", "--nm", "4:2"]):
         with pytest.raises(SystemExit) as exc:
             cut.main(argv)
         assert exc.value.code == 2

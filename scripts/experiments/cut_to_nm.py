@@ -95,7 +95,7 @@ def main(argv=None):
         assert 0 < n < m
     except (ValueError, AssertionError):
         p.error(f"--nm {args.nm!r}: give N:M with 0 < N < M, e.g. 2:4")
-    if "--structure" in rest:
+    if any(a == "--structure" or a.startswith("--structure=") for a in rest):
         p.error("--structure: this experiment trains unstructured and cuts to --nm after the last update; drop it")
     layer_names = [name for name in args.cut_layers.split(",") if name]
     log = []
